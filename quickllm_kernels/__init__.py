@@ -1,0 +1,15 @@
+"""quickllm_kernels: fused LLM ops with CUDA, Triton and PyTorch reference backends.
+
+Every op is also `torch.ops.quickllm.<name>`, traceable by torch.compile and torch.export.
+"""
+from . import _library  # noqa: F401  (loads the CUDA extension or defines the schemas)
+from .backend import BackendUnavailable, last_backends, use_backend
+from .info import info
+from .ops import apply_rope, rope_cache, rope_inv_freq, rope_softmax_scale
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "apply_rope", "rope_cache", "rope_inv_freq", "rope_softmax_scale",
+    "use_backend", "BackendUnavailable", "last_backends", "info", "__version__",
+]

@@ -1,0 +1,104 @@
+"""Command line: `python -m quickllm_kernels info | demo`.
+
+info  versions, whether the CUDA extension loaded (and why not), the device, the backend per op.
+demo  runs every op on a default workload on each backend that can run here, checks it against the
+      reference and prints error and time per backend.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from . import backend
+from .info import format_info, info
+
+
+def _rope_workload(device, tokens):
+    # Qwen2-7B attention: 28 q heads, 4 kv heads, head_dim 128, q/k/v as views of one projection.
+    from .ops import rope_cache
+
+    hq, hk, d = 28, 4, 128
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(tokens, (hq + 2 * hk) * d, generator=gen).to(device=device, dtype=torch.bfloat16)
+    q = qkv[:, : hq * d].view(tokens, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(tokens, hk, d)
+    positions = torch.randint(0, 4096, (tokens,), generator=gen).to(device)
+    cache = rope_cache(d, 4096, base=1e6, device=device)
+    return (q, k, positions, cache), f"Qwen2-7B q/k, {tokens} tokens, bf16"
+
+
+def _time(fn, device, reps):
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def demo(tokens: int | None = None, reps: int = 10) -> list[dict]:
+    from .ops import apply_rope
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokens = tokens or (16384 if device.type == "cuda" else 256)
+    args, what = _rope_workload(device, tokens)
+    with backend.use_backend("reference"):
+        want = [t.float() for t in apply_rope(*args)]
+    rows = []
+    for name in backend.BACKENDS:
+        why = backend.unavailable_reason(name, "apply_rope", device)
+        if why:
+            rows.append({"op": "apply_rope", "backend": name, "skipped": why})
+            continue
+        with backend.use_backend(name):
+            got = apply_rope(*args)
+            err = max(float((g.float() - w).norm() / w.norm()) for g, w in zip(got, want))
+            sec = _time(lambda: apply_rope(*args), device, reps)
+        rows.append({"op": "apply_rope", "workload": what, "backend": name, "rel_error": err,
+                     "median_ms": sec * 1e3, "device": str(device)})
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m quickllm_kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_info = sub.add_parser("info", help="versions, extension status, device, backend per op")
+    p_info.add_argument("--json", action="store_true")
+    p_demo = sub.add_parser("demo", help="run every op on a default workload on each available backend")
+    p_demo.add_argument("--tokens", type=int, default=None)
+    p_demo.add_argument("--json", action="store_true")
+    a = parser.parse_args(argv)
+    if a.cmd == "info":
+        print(json.dumps(info(), indent=2) if a.json else format_info())
+        return 0
+    rows = demo(a.tokens)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print("| op | workload | backend | rel. error vs reference | median ms |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "skipped" in r:
+            print(f"| {r['op']} | | {r['backend']} | skipped: {r['skipped']} | |")
+        else:
+            print(f"| {r['op']} | {r['workload']} | {r['backend']} | {r['rel_error']:.2e} | {r['median_ms']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""One backend registry for every op.
+
+A call of an op runs on one of three backends:
+
+  cuda       the compiled kernels of quickllm_kernels._C (CUDA tensors)
+  triton     the Triton kernels (CUDA tensors; CPU tensors when TRITON_INTERPRET=1)
+  reference  pure PyTorch, fp32 math: the CPU kernel and the test oracle (any device)
+
+The choice, innermost first: `use_backend(...)` around the call, then QUICKLLM_BACKEND for the
+process, then "auto". Auto picks per op and per call, by what is available for the tensors' device:
+cuda, then triton, then reference on a GPU; reference on the CPU. It falls back quietly; an explicit
+choice that cannot run raises BackendUnavailable with the reason. `last_backends()` (and `info()`)
+tell which backend each op actually ran.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+
+import torch
+
+from . import _library
+
+BACKENDS = ("cuda", "triton", "reference")
+_CHOICES = BACKENDS + ("auto",)
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("quickllm_backend", default=None)
+_last: dict[str, str] = {}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run this call."""
+
+
+def _check_name(name: str, source: str) -> str:
+    name = name.strip().lower()
+    if name not in _CHOICES:
+        raise ValueError(f"{source} must be one of {', '.join(_CHOICES)}; got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops called inside the block on backend `name` ("cuda", "triton", "reference" or "auto")."""
+    token = _override.set(_check_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def requested_backend() -> str:
+    """The backend asked for at this point: the innermost use_backend, else QUICKLLM_BACKEND, else auto."""
+    name = _override.get()
+    if name is not None:
+        return name
+    return _check_name(os.environ.get("QUICKLLM_BACKEND", "auto"), "QUICKLLM_BACKEND")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"triton is not installed ({e})"
+    return True, f"triton {triton.__version__}"
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(backend: str, op: str, device: torch.device, kernel_limit: str | None = None) -> str | None:
+    """Why `backend` cannot run `op` on tensors on `device`, or None when it can.
+
+    kernel_limit: the op's reason why its compiled kernels (cuda, triton) cannot take this call's
+    inputs (for example "float64 inputs"), or None.
+    """
+    if backend == "reference":
+        return None
+    if kernel_limit is not None:
+        return f"the {backend} kernels do not support {kernel_limit} (the reference backend does)"
+    if backend == "cuda":
+        if not _library.CUDA_EXT_LOADED:
+            return f"the CUDA extension quickllm_kernels._C is not loaded ({_library.CUDA_EXT_STATUS})"
+        if not _library.has_cuda_kernel(op):
+            return f"the CUDA extension has no kernel for {op}"
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors; got tensors on {device}"
+        return None
+    if backend == "triton":
+        ok, why = triton_status()
+        if not ok:
+            return why
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpret():
+            return None
+        return (f"the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors; "
+                f"got tensors on {device}")
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def select(op: str, device: torch.device, kernel_limit: str | None = None) -> str:
+    """The backend that runs this call of `op` on `device` (and record it for info())."""
+    want = requested_backend()
+    if want == "auto":
+        candidates = ("cuda", "triton", "reference") if device.type == "cuda" else ("reference",)
+        for name in candidates:
+            if unavailable_reason(name, op, device, kernel_limit) is None:
+                _last[op] = name
+                return name
+        raise AssertionError("the reference backend is always available")
+    why = unavailable_reason(want, op, device, kernel_limit)
+    if why is not None:
+        raise BackendUnavailable(f"{op}: backend {want!r} was requested but cannot run: {why}")
+    _last[op] = want
+    return want
+
+
+def last_backends() -> dict[str, str]:
+    """Op name -> the backend its most recent call ran on, in this process."""
+    return dict(_last)

@@ -1,0 +1,7 @@
+"""Public entry points of every op; importing this registers all of them with torch.library."""
+from .rope import apply_rope, rope_cache, rope_inv_freq, rope_softmax_scale
+
+# Op name -> the public function, for info() and the demo.
+OPS = {"apply_rope": apply_rope}
+
+__all__ = ["apply_rope", "rope_cache", "rope_inv_freq", "rope_softmax_scale", "OPS"]

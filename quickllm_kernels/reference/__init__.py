@@ -1,0 +1,1 @@
+"""Pure-PyTorch references of every op: the CPU kernels and the test oracles."""
