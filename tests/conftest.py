@@ -1,0 +1,62 @@
+"""Capability markers and shared helpers for the test suite.
+
+Markers (declared in pyproject.toml):
+  gpu       needs a CUDA device; skipped without one.
+  cuda_ext  needs the compiled quickllm_kernels._C extension; skipped when it did not load.
+  triton    needs triton; without a GPU these tests run the kernels under TRITON_INTERPRET=1,
+            which this file sets before any kernel module is imported.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Triton kernels run on CPU tensors through the interpreter. It must be set before @triton.jit runs.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import quickllm_kernels  # noqa: E402
+from quickllm_kernels import _library, backend  # noqa: E402
+
+HAS_TRITON = backend.triton_status()[0]
+
+# One tolerance table per dtype, for a kernel's output against the reference computed in float32
+# (float64 for float64) from the same inputs: rtol is one unit in the last place of the dtype (the
+# output rounding; the Triton interpreter truncates float32 -> bfloat16 where GPUs round to nearest),
+# atol absorbs float32 reassociation in outputs that cancel to near zero.
+TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=2e-6, atol=2e-6),
+    torch.float16: dict(rtol=2.0 ** -10, atol=1e-4),
+    torch.bfloat16: dict(rtol=2.0 ** -7, atol=1e-3),
+}
+
+
+def assert_close(got, want, dtype=None):
+    """Elementwise |got - want| <= atol + rtol * |want| with the dtype's tolerances; NaN must match NaN."""
+    dtype = dtype or got.dtype
+    torch.testing.assert_close(got.double(), want.double(), equal_nan=True, **TOL[dtype])
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_ext = pytest.mark.skip(reason=f"CUDA extension not loaded: {_library.CUDA_EXT_STATUS}")
+    skip_triton = pytest.mark.skip(reason="triton is not installed")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        if "cuda_ext" in item.keywords and not _library.CUDA_EXT_LOADED:
+            item.add_marker(skip_ext)
+        if "triton" in item.keywords and not HAS_TRITON:
+            item.add_marker(skip_triton)
+
+
+def available_backends(device):
+    """Backends that can run on `device` in this process (the reference always can)."""
+    return [b for b in backend.BACKENDS if backend.unavailable_reason(b, "apply_rope", torch.device(device)) is None]
+
+
+@pytest.fixture
+def device():
+    return "cuda" if HAS_CUDA else "cpu"
