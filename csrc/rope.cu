@@ -94,7 +94,7 @@ __global__ void rope_kernel(const RopeParams p, const pos_t* __restrict__ positi
     int h = i / per_head;
     const int j = i - h * per_head;
     const bool is_q = h < p.q.heads;
-    const HeadsView& v = is_q ? p.q : p.k;
+    const HeadsView v = is_q ? p.q : p.k;  // by value: selects in registers, no local-memory copy
     if (!is_q) h -= p.q.heads;
     const scalar_t* in = static_cast<const scalar_t*>(v.in) + b * v.in_sb + s * v.in_ss + h * v.in_sh;
     scalar_t* out = static_cast<scalar_t*>(v.out) + b * v.out_sb + s * v.out_ss + h * v.out_sh;
