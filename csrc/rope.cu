@@ -90,14 +90,19 @@ __global__ void rope_kernel(const RopeParams p, const pos_t* __restrict__ positi
   const int per_head = rot_items + pass_items;
   const int total = (p.q.heads + p.k.heads) * per_head;
 
+  // This token's rows of q and k, computed once; the loop only adds head offsets.
+  const scalar_t* q_in = static_cast<const scalar_t*>(p.q.in) + b * p.q.in_sb + s * p.q.in_ss;
+  const scalar_t* k_in = static_cast<const scalar_t*>(p.k.in) + b * p.k.in_sb + s * p.k.in_ss;
+  scalar_t* q_out = static_cast<scalar_t*>(p.q.out) + b * p.q.out_sb + s * p.q.out_ss;
+  scalar_t* k_out = static_cast<scalar_t*>(p.k.out) + b * p.k.out_sb + s * p.k.out_ss;
+
   for (int i = threadIdx.x; i < total; i += blockDim.x) {
     int h = i / per_head;
     const int j = i - h * per_head;
     const bool is_q = h < p.q.heads;
-    const HeadsView v = is_q ? p.q : p.k;  // by value: selects in registers, no local-memory copy
     if (!is_q) h -= p.q.heads;
-    const scalar_t* in = static_cast<const scalar_t*>(v.in) + b * v.in_sb + s * v.in_ss + h * v.in_sh;
-    scalar_t* out = static_cast<scalar_t*>(v.out) + b * v.out_sb + s * v.out_ss + h * v.out_sh;
+    const scalar_t* in = is_q ? q_in + h * p.q.in_sh : k_in + h * p.k.in_sh;
+    scalar_t* out = is_q ? q_out + h * p.q.out_sh : k_out + h * p.k.out_sh;
 
     if (j >= rot_items) {
       const int off = p.rot_dim + (j - rot_items) * PASS_WIDTH;
@@ -108,8 +113,11 @@ __global__ void rope_kernel(const RopeParams p, const pos_t* __restrict__ positi
       const int off = j * WIDTH;
       const auto x1 = load<ALIGNED, WIDTH>(in + off);
       const auto x2 = load<ALIGNED, WIDTH>(in + half + off);
-      const auto c = load<ALIGNED, WIDTH>(cos_row + off);
-      const auto sn = load<ALIGNED, WIDTH>(sin_row + off);
+      Pack<cache_t, WIDTH> c{}, sn{};
+      if (valid) {  // an invalid position reads nothing (the cache may even have no rows)
+        c = load<ALIGNED, WIDTH>(cos_row + off);
+        sn = load<ALIGNED, WIDTH>(sin_row + off);
+      }
       Pack<scalar_t, WIDTH> y1, y2;
 #pragma unroll
       for (int e = 0; e < WIDTH; ++e) {
@@ -126,8 +134,11 @@ __global__ void rope_kernel(const RopeParams p, const pos_t* __restrict__ positi
       constexpr int PAIRS = WIDTH / 2;
       const int off = j * WIDTH;
       const auto x = load<ALIGNED, WIDTH>(in + off);
-      const auto c = load<ALIGNED, PAIRS>(cos_row + off / 2);
-      const auto sn = load<ALIGNED, PAIRS>(sin_row + off / 2);
+      Pack<cache_t, PAIRS> c{}, sn{};
+      if (valid) {
+        c = load<ALIGNED, PAIRS>(cos_row + off / 2);
+        sn = load<ALIGNED, PAIRS>(sin_row + off / 2);
+      }
       Pack<scalar_t, WIDTH> y;
 #pragma unroll
       for (int e = 0; e < PAIRS; ++e) {
@@ -152,12 +163,15 @@ HeadsView make_view(const at::Tensor& in, const at::Tensor& out) {
   v.in = in.data_ptr();
   v.out = out.data_ptr();
   const bool four_d = in.dim() == 4;
-  v.in_sb = four_d ? in.stride(0) : 0;
-  v.in_ss = four_d ? in.stride(1) : in.stride(0);
-  v.in_sh = in.stride(-2);
-  v.out_sb = four_d ? out.stride(0) : 0;
-  v.out_ss = four_d ? out.stride(1) : out.stride(0);
-  v.out_sh = out.stride(-2);
+  // A dim of size 1 is only ever indexed at 0: its stride is irrelevant, so it is zeroed and does
+  // not spoil the alignment test (sliced decode inputs keep the vector path).
+  auto st = [](const at::Tensor& t, int64_t d) { return t.size(d) == 1 ? int64_t{0} : t.stride(d); };
+  v.in_sb = four_d ? st(in, 0) : 0;
+  v.in_ss = four_d ? st(in, 1) : st(in, 0);
+  v.in_sh = st(in, -2);
+  v.out_sb = four_d ? st(out, 0) : 0;
+  v.out_ss = four_d ? st(out, 1) : st(out, 0);
+  v.out_sh = st(out, -2);
   v.heads = static_cast<int>(in.size(-2));
   return v;
 }
@@ -213,9 +227,12 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& po
   TORCH_CHECK(k.size(-1) == 0 || k.stride(-1) == 1, "apply_rope: k's last dim must have stride 1");
   TORCH_CHECK(positions.is_contiguous(), "apply_rope: positions must be contiguous");
   TORCH_CHECK(cache.is_contiguous(), "apply_rope: cos_sin_cache must be contiguous");
-  TORCH_CHECK(q.size(-2) <= std::numeric_limits<int>::max() / 4 &&
-                  k.size(-2) <= std::numeric_limits<int>::max() / 4 && q.size(-1) <= 65536,
-              "apply_rope: heads or head_dim too large");
+  TORCH_CHECK((q.size(-2) + k.size(-2)) * q.size(-1) <= std::numeric_limits<int>::max(),
+              "apply_rope: (q heads + k heads) * head_dim must fit in int32");
+  TORCH_CHECK(positions.numel() <= std::numeric_limits<int>::max(), "apply_rope: too many tokens (",
+              positions.numel(), ") for one launch");
+  TORCH_CHECK(cache.size(0) > 0 || positions.numel() == 0,
+              "apply_rope: cos_sin_cache has no rows (max_positions = 0) but positions is not empty");
 }
 
 template <typename scalar_t, typename cache_t, typename pos_t>

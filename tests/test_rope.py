@@ -309,6 +309,9 @@ def test_triton_kernel_out_of_range_positions_give_nan_not_out_of_bounds_reads()
         assert torch.isnan(got_q[[1, 2], :, :8]).all()
         assert not torch.isnan(got_q[[0, 3]]).any()
         assert torch.equal(got_q[..., 8:], q[..., 8:])
+    # Even a cache with no rows is never read: every position is out of range.
+    got_q, _ = tri.apply_rope(q, k, pos, torch.empty(0, 8, device=DEVICE), True, False)
+    assert torch.isnan(got_q[..., :8]).all() and torch.equal(got_q[..., 8:], q[..., 8:])
 
 
 def test_out_of_range_positions_raise_on_cpu():
@@ -453,6 +456,7 @@ BAD = [
     (dict(cos_sin_cache=torch.randn(16, 8, dtype=torch.float16)), TypeError, "cos_sin_cache must be float32 or q's dtype"),
     (dict(positions=torch.arange(4, device="meta")), ValueError, "positions must be on q's device"),
     (dict(positions=torch.tensor([0, 1, 2, 16])), IndexError, r"positions must lie in \[0, 16\)"),
+    (dict(cos_sin_cache=torch.empty(0, 8)), ValueError, "cos_sin_cache has no rows"),
 ]
 
 

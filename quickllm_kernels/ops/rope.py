@@ -184,6 +184,8 @@ def _check(q, k, positions, cos_sin_cache):
     rot = cos_sin_cache.shape[1]
     if rot <= 0 or rot % 2:
         raise ValueError(f"apply_rope: rotary_dim (cos_sin_cache.shape[-1]) must be even and positive, got {rot}")
+    if cos_sin_cache.shape[0] == 0 and positions.numel() > 0:
+        raise ValueError("apply_rope: cos_sin_cache has no rows (max_positions = 0) but positions is not empty")
     if rot > q.shape[-1]:
         raise ValueError(f"apply_rope: rotary_dim (cos_sin_cache.shape[-1] = {rot}) must not exceed "
                          f"head_dim ({q.shape[-1]})")

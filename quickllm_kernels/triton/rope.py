@@ -55,8 +55,9 @@ def _rope_kernel(q_in, k_in, q_out, k_out, pos_ptr, cache_ptr, seq, max_position
     row = tl.where(valid, pos, 0)
     d = tl.arange(0, BLOCK_HALF)
     dmask = d < HALF
-    cos = tl.load(cache_ptr + row * (2 * HALF) + d, mask=dmask, other=0.0).to(tl.float32)
-    sin = tl.load(cache_ptr + row * (2 * HALF) + HALF + d, mask=dmask, other=0.0).to(tl.float32)
+    cmask = dmask & valid  # an invalid position reads nothing (the cache may even have no rows)
+    cos = tl.load(cache_ptr + row * (2 * HALF) + d, mask=cmask, other=0.0).to(tl.float32)
+    sin = tl.load(cache_ptr + row * (2 * HALF) + HALF + d, mask=cmask, other=0.0).to(tl.float32)
     nan = float("nan")
     cos = tl.where(valid, cos, nan)[None, :]
     sin = tl.where(valid, sin * sin_sign, nan)[None, :]
