@@ -238,11 +238,16 @@ def _kernels(backend_name):
     return ref.apply_rope, ref.apply_rope_
 
 
-def _apply_rope_impl(q, k, positions, cos_sin_cache, is_neox, inverse):
+def _choose(q, k, positions, cos_sin_cache):
+    """Validate (before any launch) and pick the backend: (name, functional kernel, in-place kernel)."""
     _check(q, k, positions, cos_sin_cache)
     _check_positions(positions, cos_sin_cache.shape[0])
     name = backend.select("apply_rope", q.device, _kernel_limit(q))
-    fn, _ = _kernels(name)
+    return (name, *_kernels(name))
+
+
+def _apply_rope_impl(q, k, positions, cos_sin_cache, is_neox, inverse):
+    name, fn, _ = _choose(q, k, positions, cos_sin_cache)
     if name == "reference":
         return fn(q, k, positions, cos_sin_cache, is_neox, inverse)
     return fn(_unit_last_stride(q), _unit_last_stride(k), positions.contiguous(), cos_sin_cache.contiguous(),
@@ -250,10 +255,7 @@ def _apply_rope_impl(q, k, positions, cos_sin_cache, is_neox, inverse):
 
 
 def _apply_rope_inplace_impl(q, k, positions, cos_sin_cache, is_neox, inverse):
-    _check(q, k, positions, cos_sin_cache)
-    _check_positions(positions, cos_sin_cache.shape[0])
-    name = backend.select("apply_rope", q.device, _kernel_limit(q))
-    fn, fn_ = _kernels(name)
+    name, fn, fn_ = _choose(q, k, positions, cos_sin_cache)
     if name == "reference":
         return fn_(q, k, positions, cos_sin_cache, is_neox, inverse)
     positions, cos_sin_cache = positions.contiguous(), cos_sin_cache.contiguous()
