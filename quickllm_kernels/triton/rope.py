@@ -18,21 +18,23 @@ def _rotate_heads(in_ptr, out_ptr, in_sh, out_sh, cos, sin,
                   ROT: tl.constexpr, TAIL: tl.constexpr, BLOCK_TAIL: tl.constexpr,
                   IS_NEOX: tl.constexpr, COPY_TAIL: tl.constexpr):
     h = tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (h < H) & (d < HALF)
-    if IS_NEOX:
-        i1 = d
-        i2 = d + HALF
-    else:
-        i1 = 2 * d
-        i2 = 2 * d + 1
-    x1 = tl.load(in_ptr + h * in_sh + i1, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(in_ptr + h * in_sh + i2, mask=mask, other=0.0).to(tl.float32)
-    y1 = x1 * cos - x2 * sin
-    y2 = x2 * cos + x1 * sin
     ty = out_ptr.dtype.element_ty
-    tl.store(out_ptr + h * out_sh + i1, y1.to(ty), mask=mask)
-    tl.store(out_ptr + h * out_sh + i2, y2.to(ty), mask=mask)
+    if IS_NEOX:
+        d = tl.arange(0, BLOCK_HALF)[None, :]
+        mask = (h < H) & (d < HALF)
+        x1 = tl.load(in_ptr + h * in_sh + d, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(in_ptr + h * in_sh + HALF + d, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + h * out_sh + d, (x1 * cos - x2 * sin).to(ty), mask=mask)
+        tl.store(out_ptr + h * out_sh + HALF + d, (x2 * cos + x1 * sin).to(ty), mask=mask)
+    else:
+        # Interleaved pairs: one contiguous (vectorisable) load of the rotary dims, split into
+        # even and odd elements in registers, joined back for one contiguous store.
+        e = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+        mask = (h < H) & (e < 2 * HALF)
+        x = tl.load(in_ptr + h * in_sh + e, mask=mask, other=0.0).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, (BLOCK_H, BLOCK_HALF, 2)))
+        y = tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)
+        tl.store(out_ptr + h * out_sh + e, tl.reshape(y, (BLOCK_H, 2 * BLOCK_HALF)).to(ty), mask=mask)
     if COPY_TAIL:
         e = tl.arange(0, BLOCK_TAIL)[None, :]
         tmask = (h < H) & (e < TAIL)
