@@ -50,13 +50,3 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_ext)
         if "triton" in item.keywords and not HAS_TRITON:
             item.add_marker(skip_triton)
-
-
-def available_backends(device):
-    """Backends that can run on `device` in this process (the reference always can)."""
-    return [b for b in backend.BACKENDS if backend.unavailable_reason(b, "apply_rope", torch.device(device)) is None]
-
-
-@pytest.fixture
-def device():
-    return "cuda" if HAS_CUDA else "cpu"
