@@ -1,49 +1,14 @@
-"""Timing, hardware ceilings and result records shared by the benchmarks.
-
-GPU work is timed with CUDA events (triton.testing.do_bench when triton is present): median of many
-runs after warm-up, L2 flushed between runs. CPU work (smoke runs) uses the wall clock.
-"""
+"""Hardware ceilings, environment and result records shared by the benchmarks (timing itself is
+quickllm_kernels.timing: CUDA events, median of many runs after warm-up)."""
 from __future__ import annotations
 
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-
-def time_ms(fn, device: torch.device, *, warmup: int = 25, rep: int = 100) -> float:
-    """Median milliseconds of one call of fn()."""
-    if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-        except ImportError:
-            return _events_ms(fn, warmup=warmup, rep=rep)
-        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(max(3, rep // 10)):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _events_ms(fn, *, warmup, rep):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rep):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from quickllm_kernels.timing import time_ms  # noqa: F401  (re-exported for the bench modules)
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:

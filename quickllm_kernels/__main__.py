@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 
 from . import backend
 from .info import format_info, info
+from .timing import time_ms
 
 
 def _rope_workload(device, tokens):
@@ -30,24 +29,6 @@ def _rope_workload(device, tokens):
     positions = torch.randint(0, 4096, (tokens,), generator=gen).to(device)
     cache = rope_cache(d, 4096, base=1e6, device=device)
     return (q, k, positions, cache), f"Qwen2-7B q/k, {tokens} tokens, bf16"
-
-
-def _time(fn, device, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def demo(tokens: int | None = None, reps: int = 10) -> list[dict]:
@@ -67,9 +48,9 @@ def demo(tokens: int | None = None, reps: int = 10) -> list[dict]:
         with backend.use_backend(name):
             got = apply_rope(*args)
             err = max(float((g.float() - w).norm() / w.norm()) for g, w in zip(got, want))
-            sec = _time(lambda: apply_rope(*args), device, reps)
+            ms = time_ms(lambda: apply_rope(*args), device, warmup=3, rep=reps)
         rows.append({"op": "apply_rope", "workload": what, "backend": name, "rel_error": err,
-                     "median_ms": sec * 1e3, "device": str(device)})
+                     "median_ms": ms, "device": str(device)})
     return rows
 
 
