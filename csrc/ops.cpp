@@ -8,8 +8,10 @@ TORCH_LIBRARY(quickllm, m) {
 #define QUICKLLM_OP(name, signature) \
   m.def(#name signature);            \
   m.def("_cuda_" #name signature);
+#define QUICKLLM_COMPOSITE(name, signature) m.def(#name signature);
 #include "quickllm_kernels/ops/schemas.def"
 #undef QUICKLLM_OP
+#undef QUICKLLM_COMPOSITE
 }
 
 #ifdef QUICKLLM_PYTHON_MODULE

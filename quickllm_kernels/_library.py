@@ -12,7 +12,10 @@ from pathlib import Path
 
 import torch
 
-_SCHEMA_LINE = re.compile(r'^QUICKLLM_OP\((\w+),\s*"(.*)"\)\s*$')
+_SCHEMA_LINE = re.compile(r'^QUICKLLM_(OP|COMPOSITE)\((\w+),\s*"(.*)"\)\s*$')
+
+
+COMPOSITE: set[str] = set()  # ops with no CUDA kernel of their own (no `_cuda_` twin)
 
 
 def read_schemas() -> dict[str, str]:
@@ -22,7 +25,9 @@ def read_schemas() -> dict[str, str]:
     for line in text.splitlines():
         m = _SCHEMA_LINE.match(line.strip())
         if m:
-            out[m.group(1)] = m.group(1) + m.group(2)
+            out[m.group(2)] = m.group(2) + m.group(3)
+            if m.group(1) == "COMPOSITE":
+                COMPOSITE.add(m.group(2))
     return out
 
 
@@ -44,14 +49,16 @@ CUDA_EXT_LOADED, CUDA_EXT_STATUS = _load_extension()
 # Fragment that holds the Python-side registrations (fake kernels, CPU/CUDA dispatch, autograd);
 # when _C is absent it also holds the schemas.
 LIB = torch.library.Library("quickllm", "FRAGMENT")
-if not CUDA_EXT_LOADED:
-    for _schema in SCHEMAS.values():
+for _name, _schema in SCHEMAS.items():
+    # Without _C every schema is defined here; with an extension built from older sources, the ops
+    # it does not know are (and run on Triton and the reference).
+    if not (CUDA_EXT_LOADED and hasattr(torch.ops.quickllm, _name)):
         LIB.define(_schema)
 
 
 def has_cuda_kernel(name: str) -> bool:
     """Whether the compiled extension provides a CUDA kernel for op `name`."""
-    return CUDA_EXT_LOADED and hasattr(torch.ops.quickllm, f"_cuda_{name}")
+    return CUDA_EXT_LOADED and name not in COMPOSITE and hasattr(torch.ops.quickllm, f"_cuda_{name}")
 
 
 def cuda_kernel(name: str):

@@ -15,7 +15,9 @@ SCHEMAS = Path(__file__).resolve().parents[1] / "quickllm_kernels" / "ops" / "sc
 
 @pytest.mark.skipif(not LIB, reason="QUICKLLM_CMAKE_LIBRARY not set (the CMake library was not built)")
 def test_cmake_library_registers_public_ops_on_cuda():
-    schemas = dict(re.findall(r'^QUICKLLM_OP\((\w+),\s*"(.*)"\)\s*$', SCHEMAS.read_text(), re.M))
+    kinds = re.findall(r'^QUICKLLM_(OP|COMPOSITE)\((\w+),\s*"(.*)"\)\s*$', SCHEMAS.read_text(), re.M)
+    schemas = {name: sig for kind, name, sig in kinds if kind == "OP"}
+    composite = {name: sig for kind, name, sig in kinds if kind == "COMPOSITE"}
     assert schemas
     # A fresh interpreter that never imports quickllm_kernels: the library must stand alone.
     code = (
@@ -28,6 +30,8 @@ def test_cmake_library_registers_public_ops_on_cuda():
         "    for op in (name, '_cuda_' + name):\n"
         "        assert torch._C._dispatch_has_kernel_for_dispatch_key(f'quickllm::{op}', 'CUDA'), op\n"
         "        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f'quickllm::{op}', 'CPU'), op\n"
+        f"for name, sig in {composite!r}.items():  # defined, run through the Python package only\n"
+        "    assert str(getattr(torch.ops.quickllm, name).default._schema) == f'quickllm::{name}{sig}'\n"
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -1,7 +1,9 @@
 """Public entry points of every op; importing this registers all of them with torch.library."""
+from .logprobs import linear_token_logprobs, token_logprobs
 from .rope import apply_rope, rope_cache, rope_inv_freq, rope_softmax_scale
 
 # Op name -> the public function, for info() and the demo.
-OPS = {"apply_rope": apply_rope}
+OPS = {"apply_rope": apply_rope, "token_logprobs": token_logprobs}
 
-__all__ = ["apply_rope", "rope_cache", "rope_inv_freq", "rope_softmax_scale", "OPS"]
+__all__ = ["apply_rope", "rope_cache", "rope_inv_freq", "rope_softmax_scale", "token_logprobs",
+           "linear_token_logprobs", "OPS"]

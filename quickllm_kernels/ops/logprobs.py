@@ -1,0 +1,289 @@
+"""Log-probabilities of chosen tokens without materialising softmax: `token_logprobs` from logits and
+`linear_token_logprobs` from hidden states and the lm_head weight.
+
+Ops: torch.ops.quickllm.token_logprobs and token_logprobs_backward. Backends: cuda
+(csrc/logprobs.cu), triton (triton/logprobs.py), reference (reference/logprobs.py).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .. import _library, backend
+from ..reference import logprobs as ref
+
+__all__ = ["token_logprobs", "linear_token_logprobs"]
+
+_OP = "token_logprobs"
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check(logits, token_ids, temperature):
+    if not logits.is_floating_point() or logits.dtype not in _FLOAT:
+        raise TypeError(f"token_logprobs: logits must be float32, float16 or bfloat16 (float64 on the "
+                        f"reference backend), got {logits.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(f"token_logprobs: logits must be [..., V] with at least one leading dim, "
+                         f"got shape {tuple(logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError("token_logprobs: logits has an empty vocabulary (V = 0)")
+    if token_ids.dtype != torch.int64:
+        raise TypeError(f"token_logprobs: token_ids must be int64, got {token_ids.dtype}")
+    if tuple(token_ids.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"token_logprobs: token_ids must have logits' leading shape {tuple(logits.shape[:-1])}, "
+                         f"got {tuple(token_ids.shape)}")
+    if token_ids.device != logits.device:
+        raise ValueError(f"token_logprobs: token_ids must be on logits' device ({logits.device}), "
+                         f"got {token_ids.device}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"token_logprobs: temperature must be a positive finite number, got {temperature}")
+
+
+def _check_ids(token_ids, vocab, ignore_index):
+    """Value check of the ids: always on the CPU, on a GPU only with QUICKLLM_SYNC_CHECKS=1 (it syncs).
+    Without it, an id outside [0, V) gives a NaN log-prob for its row (the kernels never read outside)."""
+    if token_ids.numel() == 0:
+        return
+    if token_ids.device.type != "cpu":
+        if os.environ.get("QUICKLLM_SYNC_CHECKS", "0") != "1":
+            return
+        if token_ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return
+    bad = (token_ids != ignore_index) & ((token_ids < 0) | (token_ids >= vocab))
+    if bool(bad.any()):
+        first = int(token_ids[bad].flatten()[0])
+        raise IndexError(f"token_logprobs: token_ids must lie in [0, {vocab}) (logits.shape[-1]) or equal "
+                         f"ignore_index ({ignore_index}); found {first}")
+
+
+def _as_3d(logits):
+    """[..., V] -> [B, S, V] with a unit last stride, as a view where possible."""
+    if logits.shape[-1] > 1 and logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if logits.dim() == 2:
+        return logits.unsqueeze(0)
+    if logits.dim() > 3:
+        return logits.flatten(0, -3)  # a view when the leading dims merge, else a copy
+    return logits
+
+
+def _kernel_limit(logits):
+    return "float64 inputs" if logits.dtype == torch.float64 else None
+
+
+def _fwd_impl(logits, token_ids, temperature, ignore_index):
+    _check(logits, token_ids, temperature)
+    _check_ids(token_ids, logits.shape[-1], ignore_index)
+    name = backend.select(_OP, logits.device, _kernel_limit(logits))
+    if name == "reference":
+        return ref.token_logprobs(logits, token_ids, temperature, ignore_index)
+    if name == "cuda":  # takes [..., V] as is (it views it as [B, S, V] itself)
+        return _library.cuda_kernel("token_logprobs")(logits, token_ids, temperature, ignore_index)
+    from ..triton import logprobs as tri
+    lead = logits.shape[:-1]
+    outs = tri.token_logprobs(_as_3d(logits), token_ids.reshape(-1).contiguous(), temperature, ignore_index)
+    return tuple(o.view(lead) for o in outs)
+
+
+def _bwd_impl(grad_logprobs, grad_entropy, logits, token_ids, lse, entropy, temperature, ignore_index):
+    _check(logits, token_ids, temperature)
+    name = backend.select(_OP, logits.device, _kernel_limit(logits))
+    if name == "reference":
+        return ref.token_logprobs_backward(grad_logprobs, grad_entropy, logits, token_ids, lse, entropy,
+                                           temperature, ignore_index)
+    if name == "cuda":
+        return _library.cuda_kernel("token_logprobs_backward")(grad_logprobs, grad_entropy, logits, token_ids, lse,
+                                                               entropy, temperature, ignore_index)
+    from ..triton import logprobs as tri
+    flat = lambda t: t.reshape(-1).contiguous().float()  # noqa: E731
+    grad = tri.token_logprobs_backward(flat(grad_logprobs), flat(grad_entropy), _as_3d(logits),
+                                       token_ids.reshape(-1).contiguous(), flat(lse), flat(entropy), temperature,
+                                       ignore_index)
+    return grad.view(logits.shape)
+
+
+def _fwd_fake(logits, token_ids, temperature, ignore_index):
+    _check(logits, token_ids, temperature)
+    lead = logits.shape[:-1]
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return tuple(logits.new_empty(lead, dtype=out_dtype) for _ in range(3))
+
+
+def _bwd_fake(grad_logprobs, grad_entropy, logits, token_ids, lse, entropy, temperature, ignore_index):
+    _check(logits, token_ids, temperature)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, token_ids, temperature, ignore_index = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, token_ids, lse, entropy)
+    ctx.temperature, ctx.ignore_index = temperature, ignore_index
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, g_lp, g_ent, _g_lse):
+    logits, token_ids, lse, entropy = ctx.saved_tensors
+    g_lp = torch.zeros_like(lse) if g_lp is None else g_lp
+    g_ent = torch.zeros_like(lse) if g_ent is None else g_ent
+    grad = torch.ops.quickllm.token_logprobs_backward(g_lp, g_ent, logits, token_ids, lse, entropy,
+                                                      ctx.temperature, ctx.ignore_index)
+    return grad, None, None, None
+
+
+_LIB = _library.LIB
+torch.library.impl("quickllm::token_logprobs", ("CPU", "CUDA"), _fwd_impl, lib=_LIB)
+torch.library.impl("quickllm::token_logprobs_backward", ("CPU", "CUDA"), _bwd_impl, lib=_LIB)
+torch.library.register_fake("quickllm::token_logprobs", _fwd_fake, lib=_LIB)
+torch.library.register_fake("quickllm::token_logprobs_backward", _bwd_fake, lib=_LIB)
+torch.library.register_autograd("quickllm::token_logprobs", _backward, setup_context=_setup_context, lib=_LIB)
+if _library.has_cuda_kernel("token_logprobs"):
+    torch.library.register_fake("quickllm::_cuda_token_logprobs", _fwd_fake, lib=_LIB)
+    torch.library.register_fake("quickllm::_cuda_token_logprobs_backward", _bwd_fake, lib=_LIB)
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0,
+                   return_entropy: bool = False, ignore_index: int = -100):
+    """log_softmax(logits / temperature)[..., token_ids] in float32, in one online pass over each row.
+
+    Equal to `log_softmax(logits.float() / T, -1).gather(-1, ids[..., None])[..., 0]` without building
+    any [..., V] intermediate; backward writes grad_logits = g * (onehot - softmax) / T in one pass.
+
+    logits: [..., V] float32/float16/bfloat16, any strides (e.g. `logits[:, :-1]`).
+    token_ids: int64 (int32 accepted) with logits' leading shape; ignore_index rows give 0 and no
+        gradient. Ids outside [0, V) raise on the CPU; on a GPU they give NaN (QUICKLLM_SYNC_CHECKS=1
+        raises instead, at the cost of a sync).
+    return_entropy: also return the entropy of softmax(logits / T) per row (same pass, differentiable).
+    Returns float32 [...] (and the entropy).
+    """
+    if token_ids.dtype == torch.int32:
+        token_ids = token_ids.long()
+    lp, ent, _ = torch.ops.quickllm.token_logprobs(logits, token_ids, float(temperature), int(ignore_index))
+    return (lp, ent) if return_entropy else lp
+
+
+# --------------------------------------------------------------------------------------------
+# linear_token_logprobs: the lm_head matmul fused with token_logprobs, chunk by chunk of rows.
+# --------------------------------------------------------------------------------------------
+
+
+def _auto_chunk(n: int) -> int:
+    # 1/32 of the rows per chunk keeps a chunk's logits and their gradient (the peak extra memory)
+    # at 1/16 of the full [N, V] logits; at least 256 rows so small batches are not split finely.
+    return max(1, min(n, max(256, -(-n // 32))))
+
+
+def _lin_check(hidden, weight, bias, token_ids, temperature):
+    if hidden.dim() != 2:
+        raise ValueError(f"linear_token_logprobs: hidden must be [N, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"linear_token_logprobs: weight must be [V, H] with H = hidden.shape[1] "
+                         f"({hidden.shape[1]}), got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"linear_token_logprobs: weight must have hidden's dtype ({hidden.dtype}), got {weight.dtype}")
+    if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or bias.dtype != hidden.dtype):
+        raise ValueError(f"linear_token_logprobs: bias must be [V] = [{weight.shape[0]}] of hidden's dtype, "
+                         f"got {tuple(bias.shape)} {bias.dtype}")
+    for name, t in (("weight", weight), ("bias", bias), ("token_ids", token_ids)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"linear_token_logprobs: {name} must be on hidden's device ({hidden.device}), "
+                             f"got {t.device}")
+    if tuple(token_ids.shape) != (hidden.shape[0],):
+        raise ValueError(f"linear_token_logprobs: token_ids must be [N] = [{hidden.shape[0]}], "
+                         f"got {tuple(token_ids.shape)}")
+    _check(hidden.new_empty((1, max(weight.shape[0], 1))), token_ids[:1].view(1), temperature)
+
+
+def _chunks(n, chunk_rows):
+    c = chunk_rows if chunk_rows > 0 else _auto_chunk(n)
+    return [(r, min(n, r + c)) for r in range(0, n, c)]
+
+
+def _lin_fwd_impl(hidden, weight, bias, token_ids, temperature, ignore_index, chunk_rows):
+    _lin_check(hidden, weight, bias, token_ids, temperature)
+    n = hidden.shape[0]
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    lp, ent, lse = (torch.empty(n, dtype=out_dtype, device=hidden.device) for _ in range(3))
+    for r0, r1 in _chunks(n, chunk_rows):
+        logits = torch.nn.functional.linear(hidden[r0:r1], weight, bias)  # [C, V], the only big buffer
+        outs = torch.ops.quickllm.token_logprobs(logits, token_ids[r0:r1], temperature, ignore_index)
+        for dst, src in zip((lp, ent, lse), outs):
+            dst[r0:r1] = src
+    return lp, ent, lse
+
+
+def _lin_bwd_impl(grad_logprobs, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature,
+                  ignore_index, chunk_rows):
+    _lin_check(hidden, weight, bias, token_ids, temperature)
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    grad_bias = torch.zeros(weight.shape[0] if bias is not None else 0, dtype=acc, device=weight.device)
+    for r0, r1 in _chunks(hidden.shape[0], chunk_rows):
+        h = hidden[r0:r1]
+        logits = torch.nn.functional.linear(h, weight, bias)  # recomputed, not stored
+        g = torch.ops.quickllm.token_logprobs_backward(grad_logprobs[r0:r1], grad_entropy[r0:r1], logits,
+                                                       token_ids[r0:r1], lse[r0:r1], entropy[r0:r1],
+                                                       temperature, ignore_index)  # [C, V]
+        grad_hidden[r0:r1] = g @ weight
+        grad_weight += (g.t() @ h).to(acc)  # each chunk's product in the input dtype, summed in fp32
+        if bias is not None:
+            grad_bias += g.to(acc).sum(0)
+    return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+
+
+def _lin_fwd_fake(hidden, weight, bias, token_ids, temperature, ignore_index, chunk_rows):
+    _lin_check(hidden, weight, bias, token_ids, temperature)
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return tuple(hidden.new_empty(hidden.shape[:1], dtype=out_dtype) for _ in range(3))
+
+
+def _lin_bwd_fake(grad_logprobs, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature,
+                  ignore_index, chunk_rows):
+    return (torch.empty_like(hidden), torch.empty_like(weight),
+            weight.new_empty(weight.shape[0] if bias is not None else 0))
+
+
+def _lin_setup_context(ctx, inputs, output):
+    hidden, weight, bias, token_ids, temperature, ignore_index, chunk_rows = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, token_ids, lse, entropy)
+    ctx.args = (temperature, ignore_index, chunk_rows)
+    ctx.mark_non_differentiable(lse)
+
+
+def _lin_backward(ctx, g_lp, g_ent, _g_lse):
+    hidden, weight, bias, token_ids, lse, entropy = ctx.saved_tensors
+    g_lp = torch.zeros_like(lse) if g_lp is None else g_lp
+    g_ent = torch.zeros_like(lse) if g_ent is None else g_ent
+    gh, gw, gb = torch.ops.quickllm.linear_token_logprobs_backward(g_lp, g_ent, hidden, weight, bias, token_ids,
+                                                                   lse, entropy, *ctx.args)
+    return gh, gw, (gb if bias is not None else None), None, None, None, None
+
+
+torch.library.impl("quickllm::linear_token_logprobs", ("CPU", "CUDA"), _lin_fwd_impl, lib=_LIB)
+torch.library.impl("quickllm::linear_token_logprobs_backward", ("CPU", "CUDA"), _lin_bwd_impl, lib=_LIB)
+torch.library.register_fake("quickllm::linear_token_logprobs", _lin_fwd_fake, lib=_LIB)
+torch.library.register_fake("quickllm::linear_token_logprobs_backward", _lin_bwd_fake, lib=_LIB)
+torch.library.register_autograd("quickllm::linear_token_logprobs", _lin_backward, setup_context=_lin_setup_context,
+                                lib=_LIB)
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor, *,
+                          bias: torch.Tensor | None = None, temperature: float = 1.0,
+                          return_entropy: bool = False, ignore_index: int = -100, chunk_rows: int = 0):
+    """token_logprobs(hidden @ weight.T + bias, token_ids) without ever holding the [N, V] logits.
+
+    hidden [N, H] and weight [V, H] (the lm_head) in one float dtype; token_ids int64 [N]. Rows go
+    through in chunks of `chunk_rows` (0: max(256, N/32)); each chunk's logits are made by cuBLAS,
+    reduced by the token_logprobs kernel of the chosen backend and dropped; backward recomputes them
+    and gives grad_hidden, grad_weight (summed over chunks in float32) and grad_bias.
+    Returns float32 [N] log-probs (and entropies with return_entropy).
+    """
+    if token_ids.dtype == torch.int32:
+        token_ids = token_ids.long()
+    lp, ent, _ = torch.ops.quickllm.linear_token_logprobs(hidden, weight, bias, token_ids, float(temperature),
+                                                          int(ignore_index), int(chunk_rows))
+    return (lp, ent) if return_entropy else lp
