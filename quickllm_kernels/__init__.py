@@ -4,6 +4,7 @@ Every op is also `torch.ops.quickllm.<name>`, traceable by torch.compile and tor
 """
 from . import _library  # noqa: F401  (loads the CUDA extension or defines the schemas)
 from .backend import BackendUnavailable, last_backends, use_backend
+from .grpo import group_advantages, grpo_loss, grpo_loss_from_hidden
 from .info import info
 from .ops import apply_rope, linear_token_logprobs, rope_cache, rope_inv_freq, rope_softmax_scale, token_logprobs
 
@@ -11,5 +12,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "apply_rope", "rope_cache", "rope_inv_freq", "rope_softmax_scale", "token_logprobs", "linear_token_logprobs",
+    "group_advantages", "grpo_loss", "grpo_loss_from_hidden",
     "use_backend", "BackendUnavailable", "last_backends", "info", "__version__",
 ]
