@@ -18,13 +18,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_logprobs  # noqa: E402
 import bench_rope  # noqa: E402
 from common import copy_bandwidth_gbs, environment, markdown_table, time_ms, write_json  # noqa: E402
 
-OPS = {"rope": bench_rope}
+OPS = {"rope": bench_rope, "logprobs": bench_logprobs}
 
 COLUMNS = [("case", "case", ""), ("shape", "shape", ""), ("provider", "provider", ""),
            ("median_ms", "median ms", ".4f"), ("gbs", "GB/s", ".1f"), ("pct_of_copy", "% of copy BW", ".1f"),
+           ("tflops", "TFLOP/s", ".1f"), ("peak_extra_mib", "peak extra MiB", ".0f"),
+           ("peak_vs_full_logits", "peak / full logits", ".3f"),
            ("vs_reference", "x reference", ".2f"), ("vs_compiled", "x compile(ref)", ".2f"),
            ("skipped", "skipped", "")]
 

@@ -13,10 +13,12 @@ def test_bench_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--device", "cpu",
                            "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "## rope" in proc.stdout and "% of copy BW" in proc.stdout
+    assert "## rope" in proc.stdout and "## logprobs" in proc.stdout and "% of copy BW" in proc.stdout
     data = json.loads(out.read_text())
     assert data["copy_bandwidth_gbs"] > 0
     assert data["environment"]["torch"]
     rows = [r for r in data["ops"]["rope"] if "median_ms" in r]
     ref = next(r for r in rows if r["provider"] == "reference")
     assert ref["median_ms"] > 0 and ref["gbs"] > 0 and ref["vs_reference"] == 1.0
+    lp = {r["provider"]: r for r in data["ops"]["logprobs"] if "median_ms" in r}
+    assert lp["reference"]["gbs"] > 0 and lp["quickllm linear_token_logprobs"]["tflops"] > 0
