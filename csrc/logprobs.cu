@@ -50,8 +50,10 @@ __device__ __forceinline__ void stats_add(Stats& a, float z) {
 }
 
 __device__ __forceinline__ Stats stats_merge(const Stats& a, const Stats& b) {
-  if (b.m == -INFINITY) return a;
-  if (a.m == -INFINITY) return b;
+  // "saw nothing" is s == 0 (not m == -inf: a thread that saw only NaN has m == -inf and s == NaN,
+  // and that NaN must reach the result)
+  if (b.s == 0.f) return a;
+  if (a.s == 0.f) return b;
   const float m = fmaxf(a.m, b.m);
   const float ea = expf(a.m - m), eb = expf(b.m - m);
   return {m, a.s * ea + b.s * eb, a.t * ea + b.t * eb};
@@ -106,7 +108,7 @@ __global__ void __launch_bounds__(kThreads)
   st = block_reduce(st);
   if (threadIdx.x == 0) {
     const float lse = st.m + logf(st.s);
-    const float ent = lse - st.t / st.s;
+    const float ent = lse - (st.s > 0.f ? st.t / st.s : 0.f);  // an all -inf row: -inf, as the reference
     const int64_t tok = ids[row];
     const bool keep = tok != ignore_index;
     const bool in_range = tok >= 0 && tok < r.V;
@@ -128,8 +130,12 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* out = grad + row * r.V;
   const int64_t tok = ids[row];
   const bool keep = tok != ignore_index;
-  const float glp = keep ? g_lp[row] : 0.f;
-  const float gent = keep ? g_ent[row] : 0.f;
+  if (!keep) {  // ignored rows: zero gradient, and their logits are not even read
+    for (int64_t i = threadIdx.x; i < r.V; i += blockDim.x) out[i] = static_cast<scalar_t>(0.f);
+    return;
+  }
+  const float glp = g_lp[row];
+  const float gent = g_ent[row];
   const float lse = lse_in[row], ent = ent_in[row];
   auto grad_of = [&](float x, int64_t i) {
     const float z = x * inv_t;

@@ -142,6 +142,27 @@ def test_empty_rows(backend_name):
     assert lp.shape == (0, 3) and x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS + ["reference"])
+def test_non_finite_rows(backend_name):
+    """An ignored row whose logits are all -inf (or NaN) gets a zero gradient, not NaN; an all -inf row
+    has entropy -inf on every backend; NaN in a row makes that row NaN."""
+    logits = torch.randn(4, 6, device=DEVICE)
+    logits[0] = float("-inf")
+    logits[1, 2] = float("nan")
+    ids = torch.tensor([-100, -100, 3, 5], device=DEVICE)
+    with qk.use_backend(backend_name):
+        x = logits.clone().requires_grad_()
+        lp, ent = qk.token_logprobs(x, ids, return_entropy=True)
+        (lp.sum() + ent[2:].sum()).backward()
+        zero = torch.tensor([0], device=DEVICE)
+        _, ent_all, lse = torch.ops.quickllm.token_logprobs(logits[:1], zero, 1.0, -100)
+        _, _, lse_nan = torch.ops.quickllm.token_logprobs(logits[1:2], zero, 1.0, -100)
+    assert qk.last_backends()["token_logprobs"] == backend_name
+    assert (x.grad[:2] == 0).all() and torch.isfinite(x.grad[2:]).all()
+    assert lse[0] == float("-inf") and ent_all[0] == float("-inf")
+    assert torch.isnan(lse_nan).all()
+
+
 @pytest.mark.triton
 def test_triton_out_of_range_ids_give_nan_without_reading():
     from quickllm_kernels.triton import logprobs as tri

@@ -4,6 +4,8 @@ Same semantics as reference/logprobs.py. Logits come as [B, S, V] with any B and
 last stride; offsets are 64-bit (rows x V can pass 2**31)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -34,7 +36,7 @@ def _fwd_kernel(logits, ids, lp_out, ent_out, lse_out, S, sb, ss, V, temperature
     s_sum = tl.sum(acc * scale, 0)
     t_sum = tl.sum(tacc * scale, 0)
     lse = mx + tl.log(s_sum)
-    ent = lse - t_sum / s_sum
+    ent = lse - tl.where(s_sum > 0, t_sum / s_sum, 0.0)  # an all -inf row: -inf, as the reference
     tok = tl.load(ids + r)
     keep = tok != ignore_index
     in_range = (tok >= 0) & (tok < V)  # an id outside [0, V) reads nothing: NaN
@@ -64,7 +66,13 @@ def _bwd_kernel(g_lp, g_ent, logits, ids, lse_in, ent_in, grad, S, sb, ss, V, te
         p = tl.exp(z - lse)
         dent = tl.where(p > 0, p * (z - lse + ent), 0.0)
         g = glp * (tl.where(offs == tok, 1.0, 0.0) - p) - gent * dent
+        g = tl.where(keep, g, 0.0)  # not 0 * g: non-finite logits of an ignored row must not leak NaN
         tl.store(out + offs, (g / temperature).to(grad.dtype.element_ty), mask=mask)
+
+
+def _on(device):
+    """Launch on the tensors' GPU, not whichever is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _block(V):
@@ -77,8 +85,9 @@ def token_logprobs(logits3, ids, temperature: float, ignore_index: int):
     n = B * S
     lp, ent, lse = (torch.empty(n, dtype=torch.float32, device=logits3.device) for _ in range(3))
     if n:
-        _fwd_kernel[(n,)](logits3, ids, lp, ent, lse, S, logits3.stride(0), logits3.stride(1), V,
-                          float(temperature), ignore_index, BLOCK_V=_block(V))
+        with _on(logits3.device):
+            _fwd_kernel[(n,)](logits3, ids, lp, ent, lse, S, logits3.stride(0), logits3.stride(1), V,
+                              float(temperature), ignore_index, BLOCK_V=_block(V))
     return lp, ent, lse
 
 
@@ -88,6 +97,7 @@ def token_logprobs_backward(g_lp, g_ent, logits3, ids, lse, ent, temperature: fl
     n = B * S
     grad = torch.empty(n, V, dtype=logits3.dtype, device=logits3.device)
     if n:
-        _bwd_kernel[(n,)](g_lp, g_ent, logits3, ids, lse, ent, grad, S, logits3.stride(0), logits3.stride(1), V,
-                          float(temperature), ignore_index, BLOCK_V=_block(V))
+        with _on(logits3.device):
+            _bwd_kernel[(n,)](g_lp, g_ent, logits3, ids, lse, ent, grad, S, logits3.stride(0), logits3.stride(1), V,
+                              float(temperature), ignore_index, BLOCK_V=_block(V))
     return grad

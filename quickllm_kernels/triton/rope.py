@@ -7,6 +7,8 @@ is free, so q and k can be views into one fused qkv tensor.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -84,16 +86,17 @@ def _launch(q, k, q_out, k_out, positions, cos_sin_cache, is_neox, inverse, copy
     half = cos_sin_cache.shape[1] // 2
     tail = q.shape[-1] - 2 * half
     hq, hk = q.shape[-2], k.shape[-2]
-    _rope_kernel[(tokens,)](
-        q, k, q_out, k_out, positions.contiguous(), cos_sin_cache.contiguous(), seq,
-        cos_sin_cache.shape[0], -1.0 if inverse else 1.0,
-        *_bsh(q), *_bsh(q_out), *_bsh(k), *_bsh(k_out),
-        HQ=hq, BLOCK_HQ=triton.next_power_of_2(max(hq, 1)),
-        HK=hk, BLOCK_HK=triton.next_power_of_2(max(hk, 1)),
-        HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
-        TAIL=tail, BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
-        IS_NEOX=is_neox, COPY_TAIL=copy_tail and tail > 0,
-    )
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():  # q's GPU
+        _rope_kernel[(tokens,)](
+            q, k, q_out, k_out, positions.contiguous(), cos_sin_cache.contiguous(), seq,
+            cos_sin_cache.shape[0], -1.0 if inverse else 1.0,
+            *_bsh(q), *_bsh(q_out), *_bsh(k), *_bsh(k_out),
+            HQ=hq, BLOCK_HQ=triton.next_power_of_2(max(hq, 1)),
+            HK=hk, BLOCK_HK=triton.next_power_of_2(max(hk, 1)),
+            HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
+            TAIL=tail, BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
+            IS_NEOX=is_neox, COPY_TAIL=copy_tail and tail > 0,
+        )
 
 
 def apply_rope(q, k, positions, cos_sin_cache, is_neox: bool, inverse: bool):
