@@ -5,7 +5,8 @@
     python bench/run.py --smoke              # tiny shapes (CPU-friendly): checks the harness runs
 
 Columns: median time (CUDA events, after warm-up), GB/s, % of the measured device copy bandwidth,
-and speedup vs the reference and vs torch.compile(reference).
+TFLOP/s where the op is a GEMM, and speedup vs the reference, torch.compile(reference) and, for
+fp8_block_gemm, torch._scaled_mm (row-wise scales) and bf16 cuBLAS.
 """
 from __future__ import annotations
 
@@ -18,17 +19,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_fp8  # noqa: E402
 import bench_logprobs  # noqa: E402
 import bench_rope  # noqa: E402
 from common import copy_bandwidth_gbs, environment, markdown_table, time_ms, write_json  # noqa: E402
 
-OPS = {"rope": bench_rope, "logprobs": bench_logprobs}
+OPS = {"rope": bench_rope, "logprobs": bench_logprobs, "fp8": bench_fp8}
 
 COLUMNS = [("case", "case", ""), ("shape", "shape", ""), ("provider", "provider", ""),
            ("median_ms", "median ms", ".4f"), ("gbs", "GB/s", ".1f"), ("pct_of_copy", "% of copy BW", ".1f"),
            ("tflops", "TFLOP/s", ".1f"), ("peak_extra_mib", "peak extra MiB", ".0f"),
            ("peak_vs_full_logits", "peak / full logits", ".3f"),
            ("vs_reference", "x reference", ".2f"), ("vs_compiled", "x compile(ref)", ".2f"),
+           ("vs_scaled_mm", "x _scaled_mm", ".2f"), ("vs_cublas_bf16", "x cuBLAS bf16", ".2f"),
            ("skipped", "skipped", "")]
 
 

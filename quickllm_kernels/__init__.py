@@ -6,12 +6,15 @@ from . import _library  # noqa: F401  (loads the CUDA extension or defines the s
 from .backend import BackendUnavailable, last_backends, use_backend
 from .grpo import group_advantages, grpo_loss, grpo_loss_from_hidden
 from .info import info
-from .ops import apply_rope, linear_token_logprobs, rope_cache, rope_inv_freq, rope_softmax_scale, token_logprobs
+from .nn import FP8Linear
+from .ops import (act_quant, apply_rope, fp8_block_gemm, linear_token_logprobs, rope_cache, rope_inv_freq,
+                  rope_softmax_scale, token_logprobs, weight_dequant)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "apply_rope", "rope_cache", "rope_inv_freq", "rope_softmax_scale", "token_logprobs", "linear_token_logprobs",
+    "weight_dequant", "act_quant", "fp8_block_gemm", "FP8Linear",
     "group_advantages", "grpo_loss", "grpo_loss_from_hidden",
     "use_backend", "BackendUnavailable", "last_backends", "info", "__version__",
 ]

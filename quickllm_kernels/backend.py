@@ -30,6 +30,12 @@ _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("quickllm
 _last: dict[str, str] = {}
 
 
+# Per-op hooks for info(): op -> fn(device) giving the op's kernel_limit for any call on that device
+# (e.g. no FP8 tensor cores), and op -> fn(device) giving its own auto order there (or None).
+DEVICE_LIMITS: dict = {}
+AUTO_ORDERS: dict = {}
+
+
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run this call."""
 
@@ -72,16 +78,20 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def unavailable_reason(backend: str, op: str, device: torch.device, kernel_limit: str | None = None) -> str | None:
+def unavailable_reason(backend: str, op: str, device: torch.device, kernel_limit: str | None = None,
+                       limits: dict[str, str | None] | None = None) -> str | None:
     """Why `backend` cannot run `op` on tensors on `device`, or None when it can.
 
     kernel_limit: the op's reason why its compiled kernels (cuda, triton) cannot take this call's
-    inputs (for example "float64 inputs"), or None.
+    inputs (for example "float64 inputs"), or None. limits: the same per backend, for conditions
+    only one kernel has (for example the alignment a CUDA kernel's vector loads need).
     """
     if backend == "reference":
         return None
     if kernel_limit is not None:
         return f"the {backend} kernels do not support {kernel_limit} (the reference backend does)"
+    if limits and limits.get(backend):
+        return f"the {backend} kernel does not support {limits[backend]}"
     if backend == "cuda":
         if not _library.CUDA_EXT_LOADED:
             return f"the CUDA extension quickllm_kernels._C is not loaded ({_library.CUDA_EXT_STATUS})"
@@ -103,17 +113,19 @@ def unavailable_reason(backend: str, op: str, device: torch.device, kernel_limit
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def select(op: str, device: torch.device, kernel_limit: str | None = None) -> str:
-    """The backend that runs this call of `op` on `device` (and record it for info())."""
+def select(op: str, device: torch.device, kernel_limit: str | None = None,
+           limits: dict[str, str | None] | None = None, order: tuple[str, ...] | None = None) -> str:
+    """The backend that runs this call of `op` on `device` (and record it for info()).
+    order: the op's own auto order on a GPU, where its kernels' strengths differ from the default."""
     want = requested_backend()
     if want == "auto":
-        candidates = ("cuda", "triton", "reference") if device.type == "cuda" else ("reference",)
+        candidates = (order or ("cuda", "triton", "reference")) if device.type == "cuda" else ("reference",)
         for name in candidates:
-            if unavailable_reason(name, op, device, kernel_limit) is None:
+            if unavailable_reason(name, op, device, kernel_limit, limits) is None:
                 _last[op] = name
                 return name
         raise AssertionError("the reference backend is always available")
-    why = unavailable_reason(want, op, device, kernel_limit)
+    why = unavailable_reason(want, op, device, kernel_limit, limits)
     if why is not None:
         raise BackendUnavailable(f"{op}: backend {want!r} was requested but cannot run: {why}")
     _last[op] = want

@@ -36,9 +36,10 @@ def info() -> dict:
     }
     last = backend.last_backends()
     for op in OPS:
-        unavailable = {b: backend.unavailable_reason(b, op, dev) for b in backend.BACKENDS}
+        limit = backend.DEVICE_LIMITS[op](dev) if op in backend.DEVICE_LIMITS else None
+        unavailable = {b: backend.unavailable_reason(b, op, dev, limit) for b in backend.BACKENDS}
         try:
-            with_choice = _would_use(op, dev)
+            with_choice = _would_use(op, dev, limit)
         except backend.BackendUnavailable as e:
             with_choice = f"error: {e}"
         report["ops"][op] = {
@@ -49,15 +50,16 @@ def info() -> dict:
     return report
 
 
-def _would_use(op, dev):
+def _would_use(op, dev, limit=None):
     want = backend.requested_backend()
     if want != "auto":
-        why = backend.unavailable_reason(want, op, dev)
+        why = backend.unavailable_reason(want, op, dev, limit)
         if why:
             raise backend.BackendUnavailable(f"{want!r} requested: {why}")
         return want
-    for name in (("cuda", "triton", "reference") if dev.type == "cuda" else ("reference",)):
-        if backend.unavailable_reason(name, op, dev) is None:
+    order = backend.AUTO_ORDERS[op](dev) if op in backend.AUTO_ORDERS else None
+    for name in ((order or ("cuda", "triton", "reference")) if dev.type == "cuda" else ("reference",)):
+        if backend.unavailable_reason(name, op, dev, limit) is None:
             return name
     return "reference"
 

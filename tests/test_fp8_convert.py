@@ -166,3 +166,29 @@ def test_refuses_to_overwrite_and_recovers_from_an_interrupted_run(tmp_path):
     assert main(["convert", str(tmp_path / "fp8"), str(tmp_path / "out"), "--to", "bf16"]) == 0
     assert not stale.exists() and len(list((tmp_path / "out").glob("*.safetensors"))) == 3
     assert main(["convert", str(tmp_path / "fp8"), str(tmp_path / "out"), "--to", "bf16"]) == 2  # exists now
+
+
+def test_converted_checkpoint_runs_in_fp8_linear(tmp_path):
+    """The FP8 checkpoint's tensors load into FP8Linear as stored, and its dequant path computes
+    exactly what an nn.Linear on the converted BF16 checkpoint does."""
+    import quickllm_kernels as qk
+    shards = write_fp8_checkpoint(tmp_path / "fp8")
+    src = {k: v for sh in shards for k, v in sh.items()}
+    convert_checkpoint(tmp_path / "fp8", tmp_path / "bf16", to="bf16", progress=False)
+    bf16 = _load_dir(tmp_path / "bf16")
+    for key in ("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "model.layers.1.self_attn.o_proj.weight"):
+        w, s = src[key], src[key + "_scale_inv"]
+        layer = qk.FP8Linear(w.shape[1], w.shape[0])
+        layer.load_state_dict({"weight": w, "weight_scale_inv": s})
+        x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(5)).bfloat16()
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, bf16[key]))
+        assert layer.last_path == "dequant"
+
+
+@pytest.mark.gpu
+def test_convert_on_gpu_gives_the_same_bytes(tmp_path):
+    write_fp8_checkpoint(tmp_path / "fp8")
+    convert_checkpoint(tmp_path / "fp8", tmp_path / "cpu", to="bf16", progress=False)
+    convert_checkpoint(tmp_path / "fp8", tmp_path / "gpu", to="bf16", progress=False, device="cuda")
+    a, b = _load_dir(tmp_path / "cpu"), _load_dir(tmp_path / "gpu")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,164 @@
+"""DeepSeek-V3 FP8 block quantisation and the block-scaled FP8 GEMM in Triton.
+
+Same semantics as reference/fp8.py: weight_dequant and act_quant agree with it bit for bit (one
+float32 multiply; IEEE float32 division with div_rn, never the approximate `/`; round to nearest
+even onto the e4m3 grid). fp8_block_gemm accumulates each 128-wide K block of A B^T in float32 on the
+FP8 tensor cores, then scales it by a_scales[m, kb] * b_scales[n // 128, kb] into a float32
+accumulator, as DeepGEMM does. Offsets are 64-bit.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0
+ACT_EPS = 1e-10
+
+
+def _on(device):
+    """Launch on the tensors' GPU, not whichever is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@triton.jit
+def _round_e4m3(r):
+    """float32 r with |r| <= 448 -> the nearest e4m3 value (ties to even), still as float32.
+
+    Rounding here rather than in the float32 -> fp8 cast gives one exact result everywhere: the
+    interpreter's cast loses the carry when the mantissa rounds up into the exponent. Normal range
+    (|r| >= 2**-6): round the float32 mantissa to 3 bits by adding half an ulp (+1 on odd). Below
+    it, e4m3 subnormals are multiples of 2**-9: adding and removing 1.5 * 2**14, where float32's
+    spacing is 2**-9, rounds to them. The sign is put back last, so -0.0 stays -0.0.
+    """
+    bits = r.to(tl.uint32, bitcast=True)
+    a = tl.abs(r)
+    u = a.to(tl.uint32, bitcast=True)
+    normal = (u + 0x7FFFF + ((u >> 20) & 1)) & 0xFFF00000
+    sub = ((a + 24576.0) - 24576.0).to(tl.uint32, bitcast=True)
+    u = tl.where(a >= 0.015625, normal, sub)
+    return (u | (bits & 0x80000000)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dequant_kernel(w, s, out, M, N, swm, ssm, ssn, block_m, block_n, BM: tl.constexpr, BN: tl.constexpr):
+    rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    x = tl.load(w + rm[:, None] * swm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    # per-row and per-column block indices: BM + BN divisions, not BM * BN
+    sc = tl.load(s + (rm // block_m)[:, None] * ssm + (rn // block_n)[None, :] * ssn, mask=mask, other=0.0)
+    tl.store(out + rm[:, None] * N + rn[None, :], (x * sc).to(out.dtype.element_ty), mask=mask)
+
+
+def weight_dequant(w, scale_inv, block, out_dtype):
+    """w [M, N] fp8 (unit last stride), scale_inv float32 -> [M, N] contiguous out_dtype."""
+    M, N = w.shape
+    out = torch.empty(M, N, dtype=out_dtype, device=w.device)
+    if out.numel():
+        BM, BN = 32, 128
+        with _on(w.device):
+            _dequant_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+                w, scale_inv, out, M, N, w.stride(0), scale_inv.stride(0), scale_inv.stride(1), block[0], block[1],
+                BM=BM, BN=BN, num_warps=4)
+    return out
+
+
+@triton.jit
+def _act_quant_kernel(x, q, s, R, K, G, sxr, group, UE8M0: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    g = tl.program_id(1)
+    cols = g.to(tl.int64) * group + tl.arange(0, BG)
+    mask = (rows < R)[:, None] & ((cols < K) & (tl.arange(0, BG) < group))[None, :]
+    v = tl.load(x + rows[:, None] * sxr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(v), 1), ACT_EPS)
+    sc = tl.math.div_rn(amax, tl.full([BR], FP8_MAX, tl.float32))
+    if UE8M0:  # round up to a power of two by the bits: a nonzero mantissa bumps the exponent
+        u = sc.to(tl.uint32, bitcast=True)
+        sc = tl.where((u & 0x7FFFFF) != 0, (u & 0xFF800000) + 0x800000, u).to(tl.float32, bitcast=True)
+    y = tl.math.div_rn(v, tl.broadcast_to(sc[:, None], [BR, BG]))
+    y = _round_e4m3(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX))
+    tl.store(q + rows[:, None] * K + cols[None, :], y.to(q.dtype.element_ty), mask=mask)
+    tl.store(s + rows * G + g, sc, mask=rows < R)
+
+
+def act_quant(x2, group: int, ue8m0: bool):
+    """x2 [R, K] (unit last stride) -> (q [R, K] fp8, scales [R, ceil(K/group)] float32), contiguous."""
+    R, K = x2.shape
+    G = triton.cdiv(K, group)
+    q = torch.empty(R, K, dtype=torch.float8_e4m3fn, device=x2.device)
+    s = torch.empty(R, G, dtype=torch.float32, device=x2.device)
+    if R and K:
+        BG = triton.next_power_of_2(group)
+        BR = max(1, min(64, 2048 // BG))
+        with _on(x2.device):
+            _act_quant_kernel[(triton.cdiv(R, BR), G)](x2, q, s, R, K, G, x2.stride(0), group, UE8M0=ue8m0,
+                                                       BR=BR, BG=BG, num_warps=4)
+    return q, s
+
+
+@triton.jit
+def _gemm_kernel(a, a_s, b, b_s, c, M, N, K, sam, sbn, sasm, sask, sbsn, sbsk,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    # grouped launch order: GROUP_M row tiles share each column tile while it is in L2
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BM)
+    n_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * n_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+
+    rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    rn = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    a_ptr = a + rm[:, None] * sam + rk[None, :]
+    b_ptr = b + rn[:, None] * sbn + rk[None, :]
+    m_ok = rm < M
+    n_ok = rn < N
+    # BN divides 128 and tiles start at multiples of BN, so one tile has one b_scales row
+    bs_ptr = b_s + ((pid_n * BN) // 128).to(tl.int64) * sbsn
+    as_ptr = a_s + rm * sasm
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BK)):
+        k_ok = rk < K - kb * BK  # the last K block may be partial: zeros contribute nothing
+        A = tl.load(a_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        B = tl.load(b_ptr, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        part = tl.dot(A, tl.trans(B))  # this K block alone, float32 on the tensor cores
+        sa = tl.load(as_ptr + kb * sask, mask=m_ok, other=0.0)
+        sb = tl.load(bs_ptr + kb * sbsk)
+        acc += part * (sa * sb)[:, None]
+        a_ptr += BK
+        b_ptr += BK
+    tl.store(c + rm[:, None] * N + rn[None, :], acc.to(c.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _gemm_config(M: int):
+    """(BM, BN, num_warps, num_stages) by M: small M (decode) is a stream over b, so it takes narrow
+    column tiles to give every SM some of b; large M takes 128 x 128 tiles for reuse."""
+    if M <= 16:
+        return 16, 64, 4, 5
+    if M <= 64:
+        return 64, 64, 4, 4
+    return 128, 128, 8, 3
+
+
+def fp8_block_gemm(a, a_scales, b, b_scales, out_dtype):
+    """a [M, K], b [N, K] fp8 (unit last strides), scales float32 -> c [M, N] out_dtype contiguous."""
+    M, K = a.shape
+    N = b.shape[0]
+    c = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        return c.zero_()
+    BM, BN, warps, stages = _gemm_config(M)
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    with _on(a.device):
+        _gemm_kernel[grid](a, a_scales, b, b_scales, c, M, N, K, a.stride(0), b.stride(0), a_scales.stride(0),
+                           a_scales.stride(1), b_scales.stride(0), b_scales.stride(1), BM=BM, BN=BN, BK=128,
+                           GROUP_M=8, num_warps=warps, num_stages=stages)
+    return c
