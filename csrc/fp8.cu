@@ -240,10 +240,10 @@ __device__ __forceinline__ float group_scale(float amax, bool ue8m0) {
   float s = __fdiv_rn(amax < 1e-10f ? 1e-10f : amax, kFp8Max);
   if (ue8m0) {
     // Round up to a power of two (an 8-bit exponent-only scale). For a positive normal s, clearing
-    // the mantissa and adding one to the exponent is exact; inf stays inf, and NaN goes through the
-    // same bit operations as in the reference.
+    // the mantissa and adding one to the exponent is exact; inf and NaN (exponent all ones) pass
+    // unchanged, as in the reference.
     uint32_t u = __float_as_uint(s);
-    if (u & 0x7FFFFFu) u = (u & 0xFF800000u) + 0x800000u;
+    if ((u & 0x7FFFFFu) && (u & 0x7F800000u) != 0x7F800000u) u = (u & 0xFF800000u) + 0x800000u;
     s = __uint_as_float(u);
   }
   return s;

@@ -85,6 +85,18 @@ class FP8Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         return fp8_ops.weight_dequant(self.weight, self.weight_scale_inv, block=self.block, out_dtype=dtype)
 
+    def _apply(self, fn, recurse=True):
+        # module.to(dtype), .half(), .bfloat16() ... convert every floating tensor: the fp8 weight and its
+        # float32 scales would lose their format (and the scales their bits). They go through `fn` as
+        # integer views, which device moves change and dtype casts leave alone; the bias converts.
+        fixed = {id(self.weight): torch.uint8, id(self.weight_scale_inv): torch.int32}
+
+        def keep_format(t):
+            raw = fixed.get(id(t))
+            return fn(t) if raw is None else fn(t.view(raw)).view(t.dtype)
+
+        return super()._apply(keep_format, recurse)
+
     # ---- forward -------------------------------------------------------------------------------
 
     def resolve_path(self, device) -> str:

@@ -77,15 +77,18 @@ def sqnr_db(signal, approx):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_reference_weight_dequant_is_the_block_formula():
-    q, s = _fp8_weight(200, 300, device="cpu")  # edge blocks on both dims
-    want = torch.empty(200, 300, dtype=torch.float64)
-    for i in range(200):
-        for bj in range(3):
-            cols = slice(bj * 128, min(300, bj * 128 + 128))
+@pytest.mark.parametrize("m,n", [(200, 300), (256, 384)])  # edge blocks on both dims; whole blocks only
+def test_reference_weight_dequant_is_the_block_formula(m, n):
+    q, s = _fp8_weight(m, n, device="cpu")
+    want = torch.empty(m, n, dtype=torch.float64)
+    for i in range(m):
+        for bj in range(math.ceil(n / 128)):
+            cols = slice(bj * 128, min(n, bj * 128 + 128))
             want[i, cols] = q[i, cols].double() * s[i // 128, bj].double()
     got = ref.weight_dequant(q, s, out_dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(ref.weight_dequant(q.t().contiguous().t(), s, out_dtype=torch.float64), want,
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("ue8m0", [False, True])
@@ -116,6 +119,9 @@ def test_reference_pow2_ceil_bits():
     s = torch.tensor([1.0, 1.0000001, 0.75, 0.5, 3.0, 2.0 ** -40 * 1.3, 448.0, 1e-10 / 448])
     want = torch.exp2(torch.ceil(torch.log2(s.double()))).float()
     assert torch.equal(ref.pow2_ceil(s), want)
+    special = torch.tensor([float("nan"), float("inf")])
+    got = ref.pow2_ceil(special)
+    assert torch.isnan(got[0]) and got[1] == float("inf")  # NaN stays NaN, not a rounded-up -0.0
 
 
 def test_reference_gemm_is_the_blocked_formula():
@@ -165,6 +171,19 @@ def test_weight_dequant_matches_reference(backend_name, m, n, block, out_dtype):
         got = qk.weight_dequant(q, s, block=block, out_dtype=out_dtype)
     assert qk.last_backends()["weight_dequant"] == backend_name
     assert_dequantised(got, want, backend_name)
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_weight_dequant_every_byte(backend_name):
+    """All 256 e4m3 bytes (subnormals, -0.0, the largest normals, both NaNs) decode as torch decodes them."""
+    w = torch.arange(256, dtype=torch.uint8).view(FP8).reshape(2, 128).to(DEVICE)
+    s = torch.full((1, 1), 0.5, device=DEVICE)
+    with qk.use_backend(backend_name):
+        got = qk.weight_dequant(w, s, out_dtype=torch.float32).cpu()
+    want = w.float().cpu() * 0.5
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and int(torch.isnan(want).sum()) == 2
+    finite = ~torch.isnan(want)
+    assert torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32))
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
@@ -236,6 +255,46 @@ def test_act_quant_strided_and_extreme(backend_name):
             got = qk.act_quant(t)
         assert_same_bits(got[0], want[0])
         assert_same_bits(got[1], want[1])
+
+
+@pytest.mark.parametrize("backend_name", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("scale_format", ["fp32", "ue8m0"])
+def test_act_quant_nan_and_inf_poison_their_group_only(backend_name, scale_format):
+    """A NaN or inf input makes its own group's scale NaN / inf and its values NaN (as x / s does in
+    the reference), and leaves the other groups of the row alone."""
+    x = _randn(3, 384, seed=15)
+    x[0, 5] = float("nan")
+    x[1, 200] = float("inf")
+    with qk.use_backend(backend_name):
+        q, s = qk.act_quant(x, scale_format=scale_format)
+    q, s = q.float().cpu(), s.cpu()
+    assert torch.isnan(s[0, 0]) and torch.isnan(q[0, :128]).all()
+    assert s[1, 1] == float("inf") and torch.isnan(q[1, 200])
+    finite = torch.ones(3, 3, dtype=torch.bool)
+    finite[0, 0] = finite[1, 1] = False
+    assert torch.isfinite(s[finite]).all()
+    assert torch.isfinite(q.view(3, 3, 128)[finite]).all()
+    if backend_name != "reference":
+        want_q, want_s = ref.act_quant(x, 128, scale_format == "ue8m0")
+        assert_same_bits(s, want_s.cpu())
+        # finite values agree to the bit; NaN bytes may differ in sign between devices
+        both_nan = torch.isnan(q) & torch.isnan(want_q.float().cpu())
+        assert torch.equal(torch.isnan(q), torch.isnan(want_q.float().cpu()))
+        assert torch.equal(q[~both_nan], want_q.float().cpu()[~both_nan])
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape,group", [((3, 300), 1 << 21), ((2, 9000), 8192), ((2, 9000), 5000)])
+def test_act_quant_wide_groups(backend_name, shape, group):
+    """Groups wider than K (one group per row) or wider than one tile (two passes over the group)."""
+    x = _randn(*shape, seed=16, scale=4.0)
+    x[1, -3] = 77.0
+    want_q, want_s = ref.act_quant(x, group, False)
+    with qk.use_backend(backend_name):
+        q, s = qk.act_quant(x, group=group)
+    assert s.shape == (shape[0], math.ceil(shape[1] / group))
+    assert_same_bits(q, want_q)
+    assert_same_bits(s, want_s)
 
 
 GEMM_CASES = [  # (M, N, K): decode rows, odd edges, partial last K block, several N blocks
@@ -433,6 +492,34 @@ def test_fp8_linear_roundtrip_and_paths():
                                   torch.float32).view(3, 4, 200) + lin.bias
         torch.testing.assert_close(y8, want, rtol=1e-6, atol=1e-5)
         assert sqnr_db(lin(x), y8) > 22 and sqnr_db(lin(x), y) > 25
+
+
+def test_fp8_linear_keeps_its_format_through_dtype_casts():
+    """module.bfloat16() / .half() / .to(dtype) convert the bias, never the fp8 weight or its float32
+    scales (a float32 -> bfloat16 -> float32 trip would change the scales' bits)."""
+    layer = qk.FP8Linear.from_linear(torch.nn.Linear(300, 200, bias=True))
+    w, s = _bits(layer.weight), _bits(layer.weight_scale_inv)
+    for cast in (lambda m: m.bfloat16(), lambda m: m.half(), lambda m: m.to(torch.float32),
+                 lambda m: m.to("cpu", torch.bfloat16), lambda m: m.double()):
+        layer = cast(layer)
+        assert layer.weight.dtype == FP8 and layer.weight_scale_inv.dtype == torch.float32
+        assert isinstance(layer.weight, torch.nn.Parameter)
+        assert torch.equal(_bits(layer.weight), w) and torch.equal(_bits(layer.weight_scale_inv), s)
+    assert layer.bias.dtype == torch.float64
+    x = _randn(2, 300, seed=63, dtype=torch.bfloat16, device="cpu")
+    with torch.no_grad():
+        y = layer.bfloat16()(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_linear_moves_to_the_gpu_and_back():
+    layer = qk.FP8Linear.from_linear(torch.nn.Linear(256, 128))
+    w, s = _bits(layer.weight), _bits(layer.weight_scale_inv)
+    layer = layer.to("cuda", torch.bfloat16)
+    assert layer.weight.device.type == "cuda" and layer.weight.dtype == FP8
+    layer = layer.cpu()
+    assert torch.equal(_bits(layer.weight), w) and torch.equal(_bits(layer.weight_scale_inv), s)
 
 
 def test_fp8_linear_loads_checkpoint_tensors():

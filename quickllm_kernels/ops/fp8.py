@@ -173,6 +173,9 @@ def _device_limit(device):
     return None
 
 
+_CUDA_GEMM_MAX_N = 65535 * 64
+
+
 def _gemm_limits(a, b, out_dtype):
     """(limit of both kernels, per-backend limits) for this call."""
     if out_dtype == torch.float64:
@@ -184,6 +187,8 @@ def _gemm_limits(a, b, out_dtype):
     if k % 16 or not (_aligned(a) and _aligned(b)):
         cuda = (f"K = {k} or row strides that are not multiples of 16 bytes (its 16-byte loads need K % 16 == 0 "
                 f"and 16-byte aligned rows)")
+    elif b.shape[0] > _CUDA_GEMM_MAX_N:
+        cuda = f"N > {_CUDA_GEMM_MAX_N} (one launch has at most 65535 column tiles of 64)"
     return None, {"cuda": cuda}
 
 

@@ -35,6 +35,10 @@ def weight_dequant(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block=(128, 128
         raise ValueError(f"weight_dequant: scale_inv must be {list(_blocks(m, n, block))} for a [{m}, {n}] weight "
                          f"with {list(block)} blocks, got {list(scale_inv.shape)}")
     acc = torch.float64 if out_dtype == torch.float64 else torch.float32
+    (gm, gn), (bm, bn) = _blocks(m, n, block), block
+    if m == gm * bm and n == gn * bn:  # whole blocks: broadcast the scales, no [M, N] scale tensor
+        blocks = w_fp8.to(acc).reshape(gm, bm, gn, bn) * scale_inv.to(acc)[:, None, :, None]
+        return blocks.reshape(m, n).to(out_dtype)
     return (w_fp8.to(acc) * _expand(scale_inv.to(acc), m, n, block)).to(out_dtype)
 
 
@@ -46,18 +50,25 @@ def weight_quant(w: torch.Tensor, block=(128, 128)):
     padded = torch.zeros(bm * block[0], bn * block[1], dtype=torch.float32, device=w.device)
     padded[:m, :n] = wf.abs()
     amax = padded.view(bm, block[0], bn, block[1]).amax(dim=(1, 3))
-    scale = amax.clamp(min=_TINY) / FP8_MAX
+    scale = _div448(amax.clamp(min=_TINY))
     q = (wf / _expand(scale, m, n, block)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale
 
 
 def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
     """Positive normal float32 s rounded up to a power of two (UE8M0 scales), exactly, by its bits:
-    a nonzero mantissa bumps the exponent and is cleared."""
+    a nonzero mantissa bumps the exponent and is cleared. NaN and inf pass through unchanged."""
     u = s.contiguous().view(torch.int32)
     mant = u & 0x7FFFFF
+    finite = (u & 0x7F800000) != 0x7F800000
     up = (u & -0x800000) + 0x800000  # -0x800000 == 0xFF800000 as int32: sign and exponent bits
-    return torch.where(mant != 0, up, u).view(torch.float32)
+    return torch.where((mant != 0) & finite, up, u).view(torch.float32)
+
+
+def _div448(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 448 as a true, correctly rounded division on every device: a Python-scalar divisor
+    becomes a multiply by the reciprocal on CUDA, which differs from the kernels in the last bit."""
+    return amax / torch.full_like(amax, FP8_MAX)
 
 
 def act_quant(x: torch.Tensor, group: int = 128, ue8m0: bool = False):
@@ -69,7 +80,7 @@ def act_quant(x: torch.Tensor, group: int = 128, ue8m0: bool = False):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = torch.nn.functional.pad(x.to(acc), (0, g * group - k)).reshape(*lead, g, group)
     amax = xf.abs().amax(-1).float().clamp(min=ACT_EPS) if g else xf.new_zeros((*lead, 0)).float()
-    s = amax / FP8_MAX
+    s = _div448(amax)
     if ue8m0:
         s = pow2_ceil(s)
     q = (xf / s.to(acc).unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).reshape(*lead, g * group)[..., :k]

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0
-ACT_EPS = 1e-10
+FP8_MAX = tl.constexpr(448.0)
+ACT_EPS = tl.constexpr(1e-10)
 
 
 def _on(device):
@@ -43,11 +43,29 @@ def _round_e4m3(r):
 
 
 @triton.jit
+def _e4m3_value(b):
+    """float32 value of a float8_e4m3fn byte, by its bits: Triton has no e4m3 type below sm_89, and
+    dequantising checkpoints is wanted on every GPU. Normal: exponent rebiased 7 -> 127; subnormal:
+    mantissa * 2**-9; 0x7F / 0xFF: NaN."""
+    b = b.to(tl.uint32)
+    e = (b >> 3) & 0xF
+    m = b & 7
+    normal = (((b & 0x80) << 24) | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125
+    sub = tl.where((b & 0x80) != 0, -sub, sub)
+    v = tl.where(e == 0, sub, normal)
+    return tl.where((b & 0x7F) == 0x7F, float("nan"), v)
+
+
+@triton.jit
 def _dequant_kernel(w, s, out, M, N, swm, ssm, ssn, block_m, block_n, BM: tl.constexpr, BN: tl.constexpr):
-    rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    rn = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    # one flat grid axis (axis 1 holds at most 65535 programs): column tiles vary fastest
+    n_tiles = tl.cdiv(N, BN)
+    pid = tl.program_id(0).to(tl.int64)
+    rm = (pid // n_tiles) * BM + tl.arange(0, BM)
+    rn = (pid % n_tiles) * BN + tl.arange(0, BN)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
-    x = tl.load(w + rm[:, None] * swm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = _e4m3_value(tl.load(w + rm[:, None] * swm + rn[None, :], mask=mask, other=0))
     # per-row and per-column block indices: BM + BN divisions, not BM * BN
     sc = tl.load(s + (rm // block_m)[:, None] * ssm + (rn // block_n)[None, :] * ssn, mask=mask, other=0.0)
     tl.store(out + rm[:, None] * N + rn[None, :], (x * sc).to(out.dtype.element_ty), mask=mask)
@@ -60,28 +78,90 @@ def weight_dequant(w, scale_inv, block, out_dtype):
     if out.numel():
         BM, BN = 32, 128
         with _on(w.device):
-            _dequant_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
-                w, scale_inv, out, M, N, w.stride(0), scale_inv.stride(0), scale_inv.stride(1), block[0], block[1],
+            _dequant_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](
+                w.view(torch.uint8), scale_inv, out, M, N, w.stride(0), scale_inv.stride(0), scale_inv.stride(1), block[0], block[1],
                 BM=BM, BN=BN, num_warps=4)
     return out
 
 
 @triton.jit
-def _act_quant_kernel(x, q, s, R, K, G, sxr, group, UE8M0: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    g = tl.program_id(1)
-    cols = g.to(tl.int64) * group + tl.arange(0, BG)
-    mask = (rows < R)[:, None] & ((cols < K) & (tl.arange(0, BG) < group))[None, :]
-    v = tl.load(x + rows[:, None] * sxr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(v), 1), ACT_EPS)
-    sc = tl.math.div_rn(amax, tl.full([BR], FP8_MAX, tl.float32))
-    if UE8M0:  # round up to a power of two by the bits: a nonzero mantissa bumps the exponent
+def _group_scale(amax, nan, UE8M0: tl.constexpr):
+    """Scale of a group from its amax (NaN where the group holds a NaN): max(amax, 1e-10) / 448 by IEEE
+    division, for UE8M0 rounded up to a power of two by the bits (a nonzero mantissa bumps the
+    exponent); NaN and inf pass through, as in the reference."""
+    amax = tl.where(nan, float("nan"), tl.maximum(amax, ACT_EPS))
+    sc = tl.math.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32))
+    if UE8M0:
         u = sc.to(tl.uint32, bitcast=True)
-        sc = tl.where((u & 0x7FFFFF) != 0, (u & 0xFF800000) + 0x800000, u).to(tl.float32, bitcast=True)
-    y = tl.math.div_rn(v, tl.broadcast_to(sc[:, None], [BR, BG]))
-    y = _round_e4m3(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX))
-    tl.store(q + rows[:, None] * K + cols[None, :], y.to(q.dtype.element_ty), mask=mask)
-    tl.store(s + rows * G + g, sc, mask=rows < R)
+        bump = ((u & 0x7FFFFF) != 0) & ((u & 0x7F800000) != 0x7F800000)
+        sc = tl.where(bump, (u & 0xFF800000) + 0x800000, u).to(tl.float32, bitcast=True)
+    return sc
+
+
+@triton.jit
+def _e4m3_byte(r):
+    """The float8_e4m3fn byte of float32 r, which is already on the e4m3 grid (or NaN), by its bits:
+    the interpreter's float32 -> fp8 cast turns NaN into 384. NaN is 0x7F with r's sign, as torch
+    writes it."""
+    u = r.to(tl.uint32, bitcast=True)
+    sign = (u >> 24) & 0x80
+    a = tl.abs(r)
+    au = a.to(tl.uint32, bitcast=True)
+    normal = (((au >> 23) - 120) << 3) | ((au >> 20) & 7)  # exponent rebiased 127 -> 7, 3 mantissa bits
+    sub = (a * 512.0).to(tl.uint32)  # subnormals: multiples of 2**-9, exactly 0 .. 7 of them
+    byte = tl.where(a >= 0.015625, normal, sub)
+    byte = tl.where(r != r, 0x7F, byte)
+    return (byte | sign).to(tl.uint8)
+
+
+@triton.jit
+def _quant_e4m3(v, sc):
+    """Byte of e4m3(clamp(v / sc, +-448)), NaN kept (plain tl.minimum / maximum would drop it)."""
+    y = tl.math.div_rn(v, sc)
+    y = tl.minimum(tl.maximum(y, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL), FP8_MAX,
+                   propagate_nan=tl.PropagateNan.ALL)
+    return _e4m3_byte(_round_e4m3(y))
+
+
+@triton.jit
+def _act_quant_kernel(x, q, s, R, K, G, sxr, group, UE8M0: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr,
+                      ONE_TILE: tl.constexpr):
+    # one flat grid axis: groups vary fastest, so a program's neighbours read the same rows
+    pid = tl.program_id(0).to(tl.int64)
+    g = pid % G
+    rows = (pid // G) * BR + tl.arange(0, BR)
+    rmask = rows < R
+    k0 = g * group
+    if ONE_TILE:  # the whole group in one tile: read x once
+        cols = k0 + tl.arange(0, BG)
+        mask = rmask[:, None] & ((cols < K) & (tl.arange(0, BG) < group))[None, :]
+        v = tl.load(x + rows[:, None] * sxr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # tl.max skips NaN: look for it separately so that a NaN group gets a NaN scale
+        nan = tl.max((v != v).to(tl.int32), 1) > 0
+        sc = _group_scale(tl.max(tl.abs(v), 1), nan, UE8M0)
+        y = _quant_e4m3(v, tl.broadcast_to(sc[:, None], [BR, BG]))
+        tl.store(q + rows[:, None] * K + cols[None, :], y, mask=mask)
+    else:  # a group wider than a tile: one pass for amax, one to quantise
+        end = tl.minimum(k0 + group, K)
+        amax = tl.zeros([BR], tl.float32)
+        nan = tl.zeros([BR], tl.int32)
+        for c in range(k0, end, BG):
+            cols = c + tl.arange(0, BG)
+            mask = rmask[:, None] & (cols < end)[None, :]
+            v = tl.load(x + rows[:, None] * sxr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(v), 1))
+            nan = tl.maximum(nan, tl.max((v != v).to(tl.int32), 1))
+        sc = _group_scale(amax, nan > 0, UE8M0)
+        for c in range(k0, end, BG):
+            cols = c + tl.arange(0, BG)
+            mask = rmask[:, None] & (cols < end)[None, :]
+            v = tl.load(x + rows[:, None] * sxr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = _quant_e4m3(v, tl.broadcast_to(sc[:, None], [BR, BG]))
+            tl.store(q + rows[:, None] * K + cols[None, :], y, mask=mask)
+    tl.store(s + rows * G + g, sc, mask=rmask)
+
+
+_MAX_GROUP_TILE = 4096
 
 
 def act_quant(x2, group: int, ue8m0: bool):
@@ -91,11 +171,12 @@ def act_quant(x2, group: int, ue8m0: bool):
     q = torch.empty(R, K, dtype=torch.float8_e4m3fn, device=x2.device)
     s = torch.empty(R, G, dtype=torch.float32, device=x2.device)
     if R and K:
-        BG = triton.next_power_of_2(group)
+        width = min(group, K)  # a group never holds more than K values
+        BG = min(triton.next_power_of_2(width), _MAX_GROUP_TILE)
         BR = max(1, min(64, 2048 // BG))
         with _on(x2.device):
-            _act_quant_kernel[(triton.cdiv(R, BR), G)](x2, q, s, R, K, G, x2.stride(0), group, UE8M0=ue8m0,
-                                                       BR=BR, BG=BG, num_warps=4)
+            _act_quant_kernel[(triton.cdiv(R, BR) * G,)](x2, q.view(torch.uint8), s, R, K, G, x2.stride(0), group, UE8M0=ue8m0,
+                                                         BR=BR, BG=BG, ONE_TILE=BG >= width, num_warps=4)
     return q, s
 
 

@@ -1,0 +1,177 @@
+"""Every Triton kernel, launched the way the ops launch it, compiles for the GPUs the package targets
+and fits their shared memory, checked on any machine, GPU or not.
+
+The interpreter that runs the Triton kernels in the CPU tests accepts code the GPU compiler rejects
+(module globals that are not constexpr, casts and ops a backend lacks, tiles that overflow shared
+memory), so passing CPU tests alone says nothing about a GPU. This test records the launches of real
+op calls under the interpreter (without running them), then compiles each distinct specialisation
+ahead of time in a subprocess without the interpreter: Triton -> PTX -> cubin with ptxas, for
+sm_80, sm_89 and sm_90. It needs no GPU and no driver.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import quickllm_kernels as qk
+
+pytestmark = pytest.mark.triton
+
+# Per-block opt-in shared memory, bytes (CUDA programming guide, compute capabilities table).
+SMEM_LIMIT = {80: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# Kernels that need FP8 tensor cores or conversions: the ops refuse them below sm_89.
+FP8_ONLY = {"_gemm_kernel"}
+
+_TORCH_TO_TRITON = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+    torch.float8_e4m3fn: "fp8e4nv", torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16",
+    torch.int32: "i32", torch.int64: "i64", torch.bool: "i1",
+}
+
+
+def _arg_type(value):
+    if isinstance(value, torch.Tensor):
+        return "*" + _TORCH_TO_TRITON[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for a {type(value).__name__} argument")
+
+
+def _op_calls():
+    """Calls that between them take every kernel through every configuration the ops choose."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        for d, r, style in ((128, 128, "neox"), (64, 64, "gptj"), (192, 64, "gptj"), (80, 40, "neox")):
+            cache = qk.rope_cache(r, 16)
+            q = torch.randn(3, 4, d, generator=g).to(dtype).requires_grad_()
+            k = torch.randn(3, 2, d, generator=g).to(dtype).requires_grad_()
+            pos = torch.tensor([0, 5, 15])
+            qo, ko = qk.apply_rope(q, k, pos, cache, style=style)
+            (qo.float().sum() + ko.float().sum()).backward()
+            qk.apply_rope(q.detach().clone(), k.detach().clone(), pos, cache, style=style, inplace=True)
+        for v in (1000, 32000, 151936):
+            logits = torch.randn(2, 3, v, generator=g).to(dtype).requires_grad_()
+            ids = torch.randint(0, v, (2, 3), generator=g)
+            lp, ent = qk.token_logprobs(logits, ids, return_entropy=True, temperature=0.7)
+            (lp.sum() + ent.sum()).backward()
+    for xdtype in (torch.bfloat16, torch.float16, torch.float32):
+        for out_dtype in (torch.bfloat16, torch.float32):
+            w = torch.randn(300, 260, generator=g).to(torch.float8_e4m3fn)
+            qk.weight_dequant(w, torch.ones(3, 3), out_dtype=out_dtype)
+        x = torch.randn(5, 300, generator=g).to(xdtype)
+        for group, fmt in ((128, "fp32"), (128, "ue8m0"), (64, "fp32"), (5000, "fp32")):
+            qk.act_quant(x if group < 5000 else torch.randn(2, 9000).to(xdtype), group=group, scale_format=fmt)
+    for m in (1, 16, 64, 300):
+        for out_dtype in (torch.bfloat16, torch.float32):
+            a = torch.randn(m, 256, generator=g).to(torch.float8_e4m3fn)
+            b = torch.randn(200, 256, generator=g).to(torch.float8_e4m3fn)
+            qk.fp8_block_gemm(a, torch.ones(m, 2), b, torch.ones(2, 2), out_dtype=out_dtype)
+
+
+def _record_launches():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = {}
+
+    def record(self, *args, grid, warmup, **kwargs):
+        fn = self.fn
+        names = list(self.arg_names)
+        bound = dict(zip(names, args))
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        bound.update(kwargs)
+        spec = {"module": fn.__module__, "name": fn.__name__, "args": {}, "options": options}
+        constexpr = _constexpr_names(fn)
+        for name in names:
+            value = bound.get(name)  # None arguments are constexpr None to Triton
+            if value is None or name in constexpr:
+                spec["args"][name] = ["value", value]
+            else:  # the JIT's divisibility-by-16 hints, which decide vector widths and pipelining
+                aligned = (value.data_ptr() if isinstance(value, torch.Tensor) else value) % 16 == 0 \
+                    if not isinstance(value, (bool, float)) else False
+                spec["args"][name] = ["type", _arg_type(value), aligned]
+        launches[json.dumps(spec, sort_keys=True)] = spec  # run nothing: outputs stay as allocated
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(InterpretedFunction, "run", record)
+        with qk.use_backend("triton"):
+            _op_calls()
+    return list(launches.values())
+
+
+def _constexpr_names(fn):
+    import inspect
+    import triton.language as tl
+    return {p.name for p in inspect.signature(fn).parameters.values()
+            if p.annotation is tl.constexpr or p.annotation == "tl.constexpr"}
+
+
+_COMPILE = r"""
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+specs, archs, fp8_only = json.loads(sys.stdin.read())
+out = []
+for spec in specs:
+    fn = getattr(importlib.import_module(spec["module"]), spec["name"])
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, (kind, value, *aligned)) in enumerate(spec["args"].items()):
+        if kind == "value":
+            signature[name], constexprs[name] = "constexpr", value
+        else:
+            signature[name] = value
+            if aligned[0]:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    for cc in archs:
+        if cc < 89 and spec["name"] in fp8_only:
+            continue
+        row = {"kernel": spec["name"], "cc": cc, "constexprs": constexprs, "options": spec["options"]}
+        try:
+            k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                               target=GPUTarget("cuda", cc, 32), options=spec["options"])
+            row["shared"] = k.metadata.shared
+            row["cubin_bytes"] = len(k.asm["cubin"])
+            ptx = k.asm["ptx"]
+            row["mma"] = sorted({line.split()[0] for line in ptx.splitlines()
+                                 if line.strip().startswith(("mma.", "wgmma.mma_async"))})
+        except Exception as e:  # reported by the test, with the kernel and its specialisation
+            row["error"] = f"{type(e).__name__}: {e}"[-3000:]
+        out.append(row)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="on a GPU the kernels are compiled by the tests that run them")
+def test_every_triton_kernel_compiles_for_sm80_sm89_sm90():
+    specs = _record_launches()
+    kernels = {s["name"] for s in specs}
+    assert {"_rope_kernel", "_fwd_kernel", "_bwd_kernel", "_dequant_kernel", "_act_quant_kernel",
+            "_gemm_kernel"} <= kernels, kernels
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps([specs, sorted(SMEM_LIMIT),
+                                                                              sorted(FP8_ONLY)]),
+                          capture_output=True, text=True, env=env, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout)
+    errors = [r for r in rows if "error" in r]
+    assert not errors, "\n\n".join(f"{r['kernel']} sm_{r['cc']} {r['constexprs']} {r['options']}:\n{r['error']}"
+                                   for r in errors)
+    over = [r for r in rows if r["shared"] > SMEM_LIMIT[r["cc"]]]
+    assert not over, [(r["kernel"], r["cc"], r["constexprs"], r["options"], r["shared"]) for r in over]
+    assert all(r["cubin_bytes"] > 0 for r in rows)
+    # fp8_block_gemm runs on FP8 tensor cores: mma.sync e4m3 on sm_89, wgmma e4m3 on sm_90 for the
+    # 64+ row tiles (the reason the auto order puts Triton first on Hopper). 16-row decode tiles on
+    # sm_90 convert to f16 MMAs, which is fine for a memory-bound shape.
+    for r in rows:
+        if r["kernel"] == "_gemm_kernel" and (r["cc"] == 89 or r["constexprs"]["BM"] >= 64):
+            want = "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32" if r["cc"] == 89 else "wgmma.mma_async"
+            assert any(m.startswith(want) and "e4m3" in m for m in r["mma"]), (r["cc"], r["constexprs"], r["mma"])
