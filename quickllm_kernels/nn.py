@@ -89,11 +89,16 @@ class FP8Linear(nn.Module):
         # module.to(dtype), .half(), .bfloat16() ... convert every floating tensor: the fp8 weight and its
         # float32 scales would lose their format (and the scales their bits). They go through `fn` as
         # integer views, which device moves change and dtype casts leave alone; the bias converts.
-        fixed = {id(self.weight): torch.uint8, id(self.weight_scale_inv): torch.int32}
+        fixed = {id(self.weight), id(self.weight_scale_inv)}
+        ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
         def keep_format(t):
-            raw = fixed.get(id(t))
-            return fn(t) if raw is None else fn(t.view(raw)).view(t.dtype)
+            if id(t) not in fixed:
+                return fn(t)
+            raw = ints[t.element_size()]
+            moved = fn(t.view(raw))
+            # Module.type(dtype) converts integer tensors too: then keep t and take only the device
+            return moved.view(t.dtype) if moved.dtype == raw else t.to(moved.device)
 
         return super()._apply(keep_format, recurse)
 

@@ -500,12 +500,13 @@ def test_fp8_linear_keeps_its_format_through_dtype_casts():
     layer = qk.FP8Linear.from_linear(torch.nn.Linear(300, 200, bias=True))
     w, s = _bits(layer.weight), _bits(layer.weight_scale_inv)
     for cast in (lambda m: m.bfloat16(), lambda m: m.half(), lambda m: m.to(torch.float32),
-                 lambda m: m.to("cpu", torch.bfloat16), lambda m: m.double()):
+                 lambda m: m.to("cpu", torch.bfloat16), lambda m: m.double(), lambda m: m.type(torch.float32),
+                 lambda m: m.type(torch.float16)):
         layer = cast(layer)
         assert layer.weight.dtype == FP8 and layer.weight_scale_inv.dtype == torch.float32
         assert isinstance(layer.weight, torch.nn.Parameter)
         assert torch.equal(_bits(layer.weight), w) and torch.equal(_bits(layer.weight_scale_inv), s)
-    assert layer.bias.dtype == torch.float64
+    assert layer.bias.dtype == torch.float16
     x = _randn(2, 300, seed=63, dtype=torch.bfloat16, device="cpu")
     with torch.no_grad():
         y = layer.bfloat16()(x)
