@@ -8,6 +8,7 @@ op calls under the interpreter (without running them), then compiles each distin
 ahead of time in a subprocess without the interpreter: Triton -> PTX -> cubin with ptxas, for
 sm_80, sm_89 and sm_90. It needs no GPU and no driver.
 """
+import inspect
 import json
 import os
 import subprocess
@@ -15,6 +16,8 @@ import sys
 
 import pytest
 import torch
+
+tl = pytest.importorskip("triton.language")
 
 import quickllm_kernels as qk
 
@@ -66,8 +69,9 @@ def _op_calls():
             w = torch.randn(300, 260, generator=g).to(torch.float8_e4m3fn)
             qk.weight_dequant(w, torch.ones(3, 3), out_dtype=out_dtype)
         x = torch.randn(5, 300, generator=g).to(xdtype)
-        for group, fmt in ((128, "fp32"), (128, "ue8m0"), (64, "fp32"), (5000, "fp32")):
-            qk.act_quant(x if group < 5000 else torch.randn(2, 9000).to(xdtype), group=group, scale_format=fmt)
+        for group, fmt in ((128, "fp32"), (128, "ue8m0"), (64, "fp32")):
+            qk.act_quant(x, group=group, scale_format=fmt)
+        qk.act_quant(torch.randn(2, 9000, generator=g).to(xdtype), group=5000)  # wider than one tile: two passes
     for m in (1, 16, 64, 300):
         for out_dtype in (torch.bfloat16, torch.float32):
             a = torch.randn(m, 256, generator=g).to(torch.float8_e4m3fn)
@@ -95,8 +99,10 @@ def _record_launches():
             elif type(value) is int and value == 1:  # the JIT specialises ints equal to 1 as constexprs
                 spec["args"][name] = ["value", 1]
             else:  # the JIT's divisibility-by-16 hints, which decide vector widths and pipelining
-                aligned = (value.data_ptr() if isinstance(value, torch.Tensor) else value) % 16 == 0 \
-                    if not isinstance(value, (bool, float)) else False
+                if isinstance(value, torch.Tensor):
+                    aligned = value.data_ptr() % 16 == 0
+                else:
+                    aligned = type(value) is int and value % 16 == 0
                 spec["args"][name] = ["type", _arg_type(value), aligned]
         launches[json.dumps(spec, sort_keys=True)] = spec  # run nothing: outputs stay as allocated
 
@@ -108,8 +114,6 @@ def _record_launches():
 
 
 def _constexpr_names(fn):
-    import inspect
-    import triton.language as tl
     return {p.name for p in inspect.signature(fn).parameters.values()
             if p.annotation is tl.constexpr or p.annotation == "tl.constexpr"}
 

@@ -79,8 +79,8 @@ def weight_dequant(w, scale_inv, block, out_dtype):
         BM, BN = 32, 128
         with _on(w.device):
             _dequant_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](
-                w.view(torch.uint8), scale_inv, out, M, N, w.stride(0), scale_inv.stride(0), scale_inv.stride(1), block[0], block[1],
-                BM=BM, BN=BN, num_warps=4)
+                w.view(torch.uint8), scale_inv, out, M, N, w.stride(0), scale_inv.stride(0), scale_inv.stride(1),
+                block[0], block[1], BM=BM, BN=BN, num_warps=4)
     return out
 
 
@@ -175,8 +175,9 @@ def act_quant(x2, group: int, ue8m0: bool):
         BG = min(triton.next_power_of_2(width), _MAX_GROUP_TILE)
         BR = max(1, min(64, 2048 // BG))
         with _on(x2.device):
-            _act_quant_kernel[(triton.cdiv(R, BR) * G,)](x2, q.view(torch.uint8), s, R, K, G, x2.stride(0), group, UE8M0=ue8m0,
-                                                         BR=BR, BG=BG, ONE_TILE=BG >= width, num_warps=4)
+            _act_quant_kernel[(triton.cdiv(R, BR) * G,)](x2, q.view(torch.uint8), s, R, K, G, x2.stride(0), group,
+                                                         UE8M0=ue8m0, BR=BR, BG=BG, ONE_TILE=BG >= width,
+                                                         num_warps=4)
     return q, s
 
 
