@@ -1,25 +1,33 @@
 """Build of quickllm_kernels.
 
-The package is pure Python unless the CUDA extension `quickllm_kernels._C` is built, which happens
-ahead of time here (ninja, through torch.utils.cpp_extension) when QUICKLLM_BUILD_CUDA allows it:
+A plain `pip install -e .` (build isolation, no torch in the build) installs Python only; the package
+then compiles its CUDA kernels for the local GPU on first use and caches them (quickllm_kernels/_build.py).
+This file can also build them ahead of time, as the extension `quickllm_kernels._C`, when the build sees
+the torch you run with (`--no-build-isolation`) and QUICKLLM_BUILD_CUDA allows it:
 
-  QUICKLLM_BUILD_CUDA=auto (default)  build when nvcc is found and the installed torch is a CUDA build
+  QUICKLLM_BUILD_CUDA=auto (default)  build when nvcc is found and the build's torch is a CUDA build
   QUICKLLM_BUILD_CUDA=1               build, and fail loudly if that is not possible
-  QUICKLLM_BUILD_CUDA=0               never build: a pure-Python install (Triton and reference backends)
+  QUICKLLM_BUILD_CUDA=0               never build (and no just-in-time build at run time either)
 
 The build never looks for a GPU: a CPU machine with nvcc builds the same library. Sources, arch list
-and flags come from csrc/build.json, which CMakeLists.txt reads too. Build with
-`pip install --no-build-isolation -e .` so that the build sees the torch you run with.
+and flags come from csrc/build.json (QUICKLLM_CUDA_ARCHS overrides the architectures), read through
+quickllm_kernels/_build.py, the module the just-in-time build uses too; CMakeLists.txt reads the same file.
+Wheels carry csrc/ inside the package so that the just-in-time build works there as well.
 """
-import json
+import importlib.util
 import os
 import shutil
 import sys
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
+# The package's build module, loaded by path: importing the package would need torch.
+_spec = importlib.util.spec_from_file_location("_quickllm_build", ROOT / "quickllm_kernels" / "_build.py")
+qbuild = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(qbuild)
 
 
 def _want_cuda():
@@ -28,44 +36,36 @@ def _want_cuda():
         sys.exit(f"QUICKLLM_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
     if mode == "0":
         return False, "QUICKLLM_BUILD_CUDA=0"
-    try:
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME
-    except ImportError as e:  # build isolation without torch, or no torch at all
-        reason = f"torch is not importable in the build environment ({e})"
-    else:
-        if torch.version.cuda is None:
-            reason = f"torch {torch.__version__} is not a CUDA build"
-        elif CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists() and not shutil.which("nvcc"):
-            reason = "nvcc not found (set CUDA_HOME)"
-        else:
-            return True, ""
+    reason = qbuild.build_unavailable()
+    if reason is None:
+        return True, ""
     if mode == "1":
         sys.exit(f"QUICKLLM_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
-    print(f"quickllm_kernels: building without the CUDA extension: {reason}", file=sys.stderr)
+    print(f"quickllm_kernels: no ahead-of-time CUDA extension ({reason}); the kernels are compiled on "
+          f"first CUDA use instead when nvcc and a CUDA torch are there", file=sys.stderr)
     return False, reason
 
 
 def _cuda_extension():
+    os.environ.setdefault("CUDA_HOME", qbuild.cuda_home())  # before cpp_extension reads it
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    cfg = json.loads((ROOT / "csrc" / "build.json").read_text())
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in cfg["cuda_archs"]]
-    # PTX of the newest arch, so later GPUs can JIT it.
-    gencode.append(f"-gencode=arch=compute_{cfg['cuda_archs'][-1]},code=compute_{cfg['cuda_archs'][-1]}")
+    cfg = qbuild.config(ROOT)
+    include = [str(ROOT)] + qbuild.cuda_include_dirs()
     ext = CUDAExtension(
         name="quickllm_kernels._C",
         sources=cfg["sources"],  # relative to the project root, as setuptools requires
-        include_dirs=[str(ROOT)],
+        include_dirs=include,
         define_macros=[("QUICKLLM_PYTHON_MODULE", None)],
-        extra_compile_args={"cxx": cfg["cxx_flags"], "nvcc": cfg["nvcc_flags"] + gencode},
+        extra_compile_args={"cxx": cfg["cxx_flags"],
+                            "nvcc": cfg["nvcc_flags"] + qbuild.gencode_flags(qbuild.archs(cfg, prefer_local=False))},
     )
     exts = [ext]
     if cfg["sources_sm90a"]:
         exts.append(CUDAExtension(
             name="quickllm_kernels._C_sm90a",
             sources=cfg["sources_sm90a"],
-            include_dirs=[str(ROOT)],
+            include_dirs=include,
             extra_compile_args={"cxx": cfg["cxx_flags"],
                                 "nvcc": cfg["nvcc_flags"] + ["-gencode=arch=compute_90a,code=sm_90a"]},
         ))
@@ -73,10 +73,22 @@ def _cuda_extension():
     return exts, {"build_ext": BuildExtension.with_options(use_ninja=True, parallel=int(jobs) if jobs else None)}
 
 
+class BuildPyWithSources(build_py):
+    """Wheels carry csrc/ (and build.json) as quickllm_kernels/_csrc/csrc, for the just-in-time build."""
+
+    def run(self):
+        super().run()
+        if self.editable_mode:  # an editable install finds csrc/ in the source tree
+            return
+        dst = Path(self.build_lib) / "quickllm_kernels" / "_csrc" / "csrc"
+        shutil.copytree(ROOT / "csrc", dst, dirs_exist_ok=True)
+
+
 build, _ = _want_cuda()
 if build:
     ext_modules, cmdclass = _cuda_extension()
 else:
     ext_modules, cmdclass = [], {}
+cmdclass["build_py"] = BuildPyWithSources
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,8 +1,11 @@
-"""Command line: `python -m quickllm_kernels info | demo`.
+"""Command line: `python -m quickllm_kernels info | demo | build`.
 
-info  versions, whether the CUDA extension loaded (and why not), the device, the backend per op.
-demo  runs every op on a default workload on each backend that can run here, checks it against the
-      reference and prints error and time per backend.
+info   versions, whether the CUDA kernels loaded (and why not), the device, the backend per op.
+demo   runs every op on a default workload on each backend that can run here, checks it against the
+       reference and prints error and time per backend.
+build  compiles the CUDA kernels into the just-in-time cache now (for the local GPU, or for
+       QUICKLLM_CUDA_ARCHS / --archs), so that the first CUDA call does not wait for nvcc; works
+       without a GPU.
 """
 from __future__ import annotations
 
@@ -54,6 +57,25 @@ def demo(tokens: int | None = None, reps: int = 10) -> list[dict]:
     return rows
 
 
+def _build_cmd(archs, verbose):
+    from . import _build, _library
+
+    why = _build.build_unavailable()
+    if why:
+        print(f"cannot build the CUDA kernels: {why}", file=sys.stderr)
+        return 1
+    arch_list = _build.parse_archs(archs, native=_build.local_arch()) if archs else None
+    try:
+        path = _build.jit_build(arch_list, verbose=verbose, log=print)
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
+    torch.ops.load_library(str(path))
+    twins = sorted(n for n in _library.SCHEMAS if hasattr(torch.ops.quickllm, f"_cuda_{n}"))
+    print(f"{path}\nregisters CUDA kernels for: {', '.join(twins)}")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m quickllm_kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,7 +85,13 @@ def main(argv=None):
     p_demo = sub.add_parser("demo", help="run every op on a default workload on each available backend")
     p_demo.add_argument("--tokens", type=int, default=None)
     p_demo.add_argument("--json", action="store_true")
+    p_build = sub.add_parser("build", help="compile the CUDA kernels into the just-in-time cache")
+    p_build.add_argument("--archs", default=None, help="e.g. 90 or '80;89;90' (default: the local GPU's, "
+                         "else QUICKLLM_CUDA_ARCHS, else csrc/build.json's list)")
+    p_build.add_argument("--verbose", action="store_true")
     a = parser.parse_args(argv)
+    if a.cmd == "build":
+        return _build_cmd(a.archs, a.verbose)
     if a.cmd == "info":
         print(json.dumps(info(), indent=2) if a.json else format_info())
         return 0

@@ -1,65 +1,168 @@
-"""The `quickllm` operator library: loads the CUDA extension, or defines the schemas without it.
+"""The `quickllm` operator library: the schemas, and the CUDA kernels loaded when they are wanted.
 
-Every schema lives in ops/schemas.def. When `quickllm_kernels._C` loads, its TORCH_LIBRARY block has
-already defined them (and the `_cuda_<name>` kernel ops); otherwise this module defines the public
-ones from the same file, so `torch.ops.quickllm.*` exists on every install.
+Every schema lives in ops/schemas.def and is defined here, on every install. The CUDA kernels come as
+a library that adds `_cuda_<name>` ops (csrc/ops.cpp):
+  - the ahead-of-time module `quickllm_kernels._C` (setup.py), loaded at import when it was built;
+  - otherwise the just-in-time build (_build.py), compiled for the local GPU the first time a CUDA
+    tensor reaches an op whose backend could be "cuda", and loaded from the cache after that.
+QUICKLLM_BUILD_CUDA=0 turns the just-in-time build off; =1 makes a failed build an error.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
+import threading
 from pathlib import Path
 
 import torch
 
-_SCHEMA_LINE = re.compile(r'^QUICKLLM_(OP|COMPOSITE)\((\w+),\s*"(.*)"\)\s*$')
+from . import _build
 
+_ENTRY = re.compile(r'^QUICKLLM_(OP|COMPOSITE)\((\w+),\s*"(.*)"\)\s*$')
 
 COMPOSITE: set[str] = set()  # ops with no CUDA kernel of their own (no `_cuda_` twin)
 
 
-def read_schemas() -> dict[str, str]:
-    """Op name -> full schema string, parsed from ops/schemas.def."""
-    text = (Path(__file__).resolve().parent / "ops" / "schemas.def").read_text()
+def read_schemas(text: str | None = None) -> dict[str, str]:
+    """Op name -> full schema string, parsed from ops/schemas.def (one entry per line; a line that
+    starts like an entry but does not parse raises, so no schema can silently go missing)."""
+    if text is None:
+        text = (Path(__file__).resolve().parent / "ops" / "schemas.def").read_text()
     out = {}
-    for line in text.splitlines():
-        m = _SCHEMA_LINE.match(line.strip())
-        if m:
-            out[m.group(2)] = m.group(2) + m.group(3)
-            if m.group(1) == "COMPOSITE":
-                COMPOSITE.add(m.group(2))
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line.startswith("QUICKLLM_"):
+            continue
+        m = _ENTRY.match(line)
+        if not m:
+            raise ValueError(f"ops/schemas.def:{lineno}: cannot parse {line[:80]!r}: write each entry as "
+                             f'QUICKLLM_OP(name, "(args) -> returns") on one line')
+        if m.group(2) in out:
+            raise ValueError(f"ops/schemas.def:{lineno}: {m.group(2)} is declared twice")
+        out[m.group(2)] = m.group(2) + m.group(3)
+        if m.group(1) == "COMPOSITE":
+            COMPOSITE.add(m.group(2))
     return out
 
 
 SCHEMAS = read_schemas()
 
-
-def _load_extension():
-    try:
-        importlib.import_module("quickllm_kernels._C")
-    except ImportError as e:
-        return False, f"{type(e).__name__}: {e}"
-    except OSError as e:  # a library it links against is missing
-        return False, f"{type(e).__name__}: {e}"
-    return True, "loaded"
-
-
-CUDA_EXT_LOADED, CUDA_EXT_STATUS = _load_extension()
-
-# Fragment that holds the Python-side registrations (fake kernels, CPU/CUDA dispatch, autograd);
-# when _C is absent it also holds the schemas.
+# Fragment that holds the Python-side registrations: the schemas, fake kernels, CPU/CUDA dispatch
+# and autograd.
 LIB = torch.library.Library("quickllm", "FRAGMENT")
 for _name, _schema in SCHEMAS.items():
-    # Without _C every schema is defined here; with an extension built from older sources, the ops
-    # it does not know are (and run on Triton and the reference).
-    if not (CUDA_EXT_LOADED and hasattr(torch.ops.quickllm, _name)):
+    if not hasattr(torch.ops.quickllm, _name):  # a standalone library loaded first defined it already
         LIB.define(_schema)
 
 
+# ------------------------------------------------------------------------------------------------
+# The CUDA kernels
+# ------------------------------------------------------------------------------------------------
+
+CUDA_EXT_LOADED = False
+CUDA_EXT_STATUS = "not loaded"
+CUDA_EXT_PATH: str | None = None
+_tried_jit = False
+_lock = threading.Lock()
+_twin_fakes: dict[str, object] = {}
+
+
+def _build_mode() -> str:
+    mode = os.environ.get("QUICKLLM_BUILD_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"QUICKLLM_BUILD_CUDA must be auto, 0 or 1; got {mode!r}")
+    return mode
+
+
+def _loaded(path: str, how: str) -> None:
+    global CUDA_EXT_LOADED, CUDA_EXT_STATUS, CUDA_EXT_PATH
+    CUDA_EXT_LOADED, CUDA_EXT_STATUS, CUDA_EXT_PATH = True, f"loaded ({how}: {path})", path
+    for name, fake in _twin_fakes.items():
+        if has_cuda_kernel(name):
+            torch.library.register_fake(f"quickllm::_cuda_{name}", fake, lib=LIB)
+
+
+def _load_ahead_of_time() -> None:
+    global CUDA_EXT_STATUS
+    try:
+        mod = importlib.import_module("quickllm_kernels._C")
+    except (ImportError, OSError) as e:  # not built, or a library it links against is missing
+        CUDA_EXT_STATUS = f"ahead-of-time quickllm_kernels._C not built ({type(e).__name__}: {e})"
+        return
+    _loaded(getattr(mod, "__file__", "quickllm_kernels._C"), "ahead-of-time build")
+
+
+def ensure_cuda_extension(*, build: bool = True, log=None) -> bool:
+    """Load the CUDA kernels if they are not loaded yet: from the just-in-time cache, or by compiling
+    them there when `build` (a minute or two, once per source version and GPU architecture).
+    Returns whether they are loaded; CUDA_EXT_STATUS says why not."""
+    global CUDA_EXT_STATUS, _tried_jit
+    if CUDA_EXT_LOADED or (_tried_jit and build):
+        return CUDA_EXT_LOADED
+    with _lock:
+        if CUDA_EXT_LOADED or (_tried_jit and build):
+            return CUDA_EXT_LOADED
+        mode = _build_mode()
+        if mode == "0":
+            CUDA_EXT_STATUS = "not loaded: QUICKLLM_BUILD_CUDA=0 (no just-in-time build)"
+            _tried_jit = True
+            return False
+        why = _build.build_unavailable()
+        if why is not None:
+            CUDA_EXT_STATUS = f"not available: {why}"
+            _tried_jit = True
+            if mode == "1":
+                raise RuntimeError(f"QUICKLLM_BUILD_CUDA=1 but the CUDA kernels cannot be built: {why}")
+            return False
+        try:
+            plan = _build.jit_plan()
+            if not build and not plan["library"].is_file():
+                CUDA_EXT_STATUS = (f"not built yet for sm_{', sm_'.join(plan['archs'])}: compiled on first CUDA "
+                                   f"use (or `python -m quickllm_kernels build`)")
+                return False
+            _tried_jit = True
+            path = _build.jit_build(log=log or (lambda msg: print(msg, file=sys.stderr, flush=True)))
+            torch.ops.load_library(str(path))
+        except Exception as e:  # a failed build leaves the Triton and reference backends working
+            CUDA_EXT_STATUS = f"just-in-time build failed: {e}"
+            if mode == "1":
+                raise
+            print(f"quickllm_kernels: {CUDA_EXT_STATUS}\nquickllm_kernels: continuing without the CUDA "
+                  f"backend (QUICKLLM_BUILD_CUDA=0 skips the build)", file=sys.stderr)
+            return False
+        _loaded(str(path), "just-in-time build")
+        return True
+
+
+def register_twin_fake(name: str, fake) -> None:
+    """Fake kernel of `_cuda_<name>`, registered now or whenever the CUDA kernels load."""
+    _twin_fakes[name] = fake
+    if has_cuda_kernel(name):
+        torch.library.register_fake(f"quickllm::_cuda_{name}", fake, lib=LIB)
+
+
 def has_cuda_kernel(name: str) -> bool:
-    """Whether the compiled extension provides a CUDA kernel for op `name`."""
+    """Whether the loaded CUDA kernels include one for op `name`."""
     return CUDA_EXT_LOADED and name not in COMPOSITE and hasattr(torch.ops.quickllm, f"_cuda_{name}")
 
 
 def cuda_kernel(name: str):
     return getattr(torch.ops.quickllm, f"_cuda_{name}").default
+
+
+def _initial_status() -> None:
+    global CUDA_EXT_STATUS
+    _load_ahead_of_time()
+    if CUDA_EXT_LOADED:
+        return
+    aot = CUDA_EXT_STATUS
+    why = "QUICKLLM_BUILD_CUDA=0" if os.environ.get("QUICKLLM_BUILD_CUDA", "").strip() == "0" else \
+        _build.build_unavailable()
+    CUDA_EXT_STATUS = (f"not loaded: {aot}; no just-in-time build ({why})" if why else
+                       f"not loaded yet: compiled for the GPU (or loaded from the cache) on first CUDA use; {aot}")
+
+
+# Nothing here touches the GPU at import: the just-in-time library is looked up on first CUDA use.
+_initial_status()

@@ -2,7 +2,8 @@
 
 A call of an op runs on one of three backends:
 
-  cuda       the compiled kernels of quickllm_kernels._C (CUDA tensors)
+  cuda       the compiled kernels of csrc/ (CUDA tensors; built ahead of time, or for the local GPU
+             on first use and cached: see _library.py)
   triton     the Triton kernels (CUDA tensors; CPU tensors when TRITON_INTERPRET=1)
   reference  pure PyTorch, fp32 math: the CPU kernel and the test oracle (any device)
 
@@ -79,12 +80,14 @@ def triton_interpret() -> bool:
 
 
 def unavailable_reason(backend: str, op: str, device: torch.device, kernel_limit: str | None = None,
-                       limits: dict[str, str | None] | None = None) -> str | None:
+                       limits: dict[str, str | None] | None = None, *, build: bool = True) -> str | None:
     """Why `backend` cannot run `op` on tensors on `device`, or None when it can.
 
     kernel_limit: the op's reason why its compiled kernels (cuda, triton) cannot take this call's
     inputs (for example "float64 inputs"), or None. limits: the same per backend, for conditions
     only one kernel has (for example the alignment a CUDA kernel's vector loads need).
+    build: whether asking about "cuda" on a GPU may compile the CUDA kernels (first use); info() asks
+    without, so a report never waits for nvcc.
     """
     if backend == "reference":
         return None
@@ -93,12 +96,15 @@ def unavailable_reason(backend: str, op: str, device: torch.device, kernel_limit
     if limits and limits.get(backend):
         return f"the {backend} kernel does not support {limits[backend]}"
     if backend == "cuda":
-        if not _library.CUDA_EXT_LOADED:
-            return f"the CUDA extension quickllm_kernels._C is not loaded ({_library.CUDA_EXT_STATUS})"
-        if not _library.has_cuda_kernel(op):
-            return f"the CUDA extension has no kernel for {op}"
         if device.type != "cuda":
+            if not _library.CUDA_EXT_LOADED:
+                return f"the CUDA kernels are not loaded ({_library.CUDA_EXT_STATUS})"
             return f"the cuda backend needs CUDA tensors; got tensors on {device}"
+        # First CUDA use: load the kernels (compiled once for this GPU, then from the cache).
+        if not _library.CUDA_EXT_LOADED and not _library.ensure_cuda_extension(build=build):
+            return f"the CUDA kernels are not loaded ({_library.CUDA_EXT_STATUS})"
+        if not _library.has_cuda_kernel(op):
+            return f"the CUDA kernels include none for {op}"
         return None
     if backend == "triton":
         ok, why = triton_status()

@@ -37,7 +37,7 @@ def info() -> dict:
     last = backend.last_backends()
     for op in OPS:
         limit = backend.DEVICE_LIMITS[op](dev) if op in backend.DEVICE_LIMITS else None
-        unavailable = {b: backend.unavailable_reason(b, op, dev, limit) for b in backend.BACKENDS}
+        unavailable = {b: backend.unavailable_reason(b, op, dev, limit, build=False) for b in backend.BACKENDS}
         try:
             with_choice = _would_use(op, dev, limit)
         except backend.BackendUnavailable as e:
@@ -53,13 +53,13 @@ def info() -> dict:
 def _would_use(op, dev, limit=None):
     want = backend.requested_backend()
     if want != "auto":
-        why = backend.unavailable_reason(want, op, dev, limit)
+        why = backend.unavailable_reason(want, op, dev, limit, build=False)
         if why:
             raise backend.BackendUnavailable(f"{want!r} requested: {why}")
         return want
     order = backend.AUTO_ORDERS[op](dev) if op in backend.AUTO_ORDERS else None
     for name in ((order or ("cuda", "triton", "reference")) if dev.type == "cuda" else ("reference",)):
-        if backend.unavailable_reason(name, op, dev, limit) is None:
+        if backend.unavailable_reason(name, op, dev, limit, build=False) is None:
             return name
     return "reference"
 

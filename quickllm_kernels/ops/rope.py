@@ -297,9 +297,8 @@ torch.library.impl("quickllm::apply_rope_", ("CPU", "CUDA"), _apply_rope_inplace
 torch.library.register_fake("quickllm::apply_rope", _apply_rope_fake, lib=_LIB)
 torch.library.register_fake("quickllm::apply_rope_", _apply_rope_inplace_fake, lib=_LIB)
 torch.library.register_autograd("quickllm::apply_rope", _backward, setup_context=_setup_context, lib=_LIB)
-if _library.has_cuda_kernel("apply_rope"):
-    torch.library.register_fake("quickllm::_cuda_apply_rope", _apply_rope_fake, lib=_LIB)
-    torch.library.register_fake("quickllm::_cuda_apply_rope_", _apply_rope_inplace_fake, lib=_LIB)
+_library.register_twin_fake("apply_rope", _apply_rope_fake)
+_library.register_twin_fake("apply_rope_", _apply_rope_inplace_fake)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, *,

@@ -1,0 +1,162 @@
+"""Building and loading the CUDA kernels: architecture selection, toolkit discovery, the strict schema
+source, the just-in-time library loaded late into a process, and a failed build falling back."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quickllm_kernels import _build, _library
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + sys.path)}
+
+
+@pytest.mark.parametrize("text, want", [("90", ["90"]), ("80;90", ["80", "90"]), ("8.9 9.0", ["89", "90"]),
+                                        ("sm_90a", ["90a"]), ("100f, 9.0", ["100f", "90"]), ("90;90", ["90"])])
+def test_parse_archs(text, want):
+    assert _build.parse_archs(text) == want
+
+
+@pytest.mark.parametrize("text", ["ninety", "9", ";", "native"])
+def test_parse_archs_rejects(text):
+    with pytest.raises(ValueError, match="QUICKLLM_CUDA_ARCHS"):
+        _build.parse_archs(text)
+
+
+def test_gencode_ptx_only_for_portable_archs():
+    assert _build.gencode_flags(["80", "90"]) == ["-gencode=arch=compute_80,code=sm_80",
+                                                  "-gencode=arch=compute_90,code=sm_90",
+                                                  "-gencode=arch=compute_90,code=compute_90"]
+    assert _build.gencode_flags(["90a"]) == ["-gencode=arch=compute_90a,code=sm_90a"]
+
+
+def test_archs_env_overrides(monkeypatch):
+    cfg = _build.config()
+    monkeypatch.setenv("QUICKLLM_CUDA_ARCHS", "8.9")
+    assert _build.archs(cfg, prefer_local=True) == ["89"]
+    assert _build.archs(cfg, prefer_local=False) == ["89"]
+    monkeypatch.delenv("QUICKLLM_CUDA_ARCHS")
+    assert _build.archs(cfg, prefer_local=False) == cfg["cuda_archs"]
+
+
+def test_cuda_home_follows_a_wrapper_script(tmp_path, monkeypatch):
+    toolkit = tmp_path / "cuda-13.9"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "include").mkdir()
+    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (toolkit / "include" / "cuda_runtime_api.h").write_text("")
+    wrap = tmp_path / "wrap"
+    wrap.mkdir()
+    (wrap / "nvcc").write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    (wrap / "nvcc").chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(wrap))
+    assert _build.cuda_home() == str(toolkit)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nowhere"))  # an explicit but wrong toolkit is not replaced
+    assert _build.cuda_home() is None
+    why = _build.build_unavailable()
+    assert why and ("nvcc not found" in why or "not a CUDA build" in why)
+
+
+def test_jit_plan_key_changes_with_sources_and_archs():
+    if _build.build_unavailable():
+        pytest.skip(_build.build_unavailable())
+    a, b = _build.jit_plan(["90"]), _build.jit_plan(["80"])
+    assert a["directory"] != b["directory"] and a["library"].name == "quickllm_kernels_cuda.so"
+    assert any(f.endswith("code=sm_90") for f in a["nvcc_flags"])
+    assert any(Path(d, "cublas_v2.h").exists() or Path(d, "cuda_runtime.h").exists() for d in a["include"]) or \
+        not _build.cuda_include_dirs()
+
+
+def test_schema_source_is_strict():
+    with pytest.raises(ValueError, match=r"schemas.def:2: cannot parse"):
+        _library.read_schemas('// a comment\nQUICKLLM_OP(foo, "(Tensor x)\n    -> Tensor")\n')
+    with pytest.raises(ValueError, match="declared twice"):
+        _library.read_schemas('QUICKLLM_OP(foo, "(Tensor x) -> Tensor")\nQUICKLLM_OP(foo, "(Tensor x) -> Tensor")\n')
+    assert _library.read_schemas('QUICKLLM_OP(foo, "(Tensor x) -> Tensor")\n') == {"foo": "foo(Tensor x) -> Tensor"}
+
+
+def test_setup_py_honours_archs():
+    """setup.py's ahead-of-time extension gets QUICKLLM_CUDA_ARCHS's -gencode flags (setup() is stubbed,
+    nothing is compiled)."""
+    if _build.build_unavailable():
+        pytest.skip(_build.build_unavailable())
+    code = ("import setuptools\n"
+            "setuptools.setup = lambda **kw: print(kw['ext_modules'][0].extra_compile_args['nvcc'])\n"
+            "import runpy; runpy.run_path('setup.py')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**ENV, "QUICKLLM_BUILD_CUDA": "1", "QUICKLLM_CUDA_ARCHS": "8.9"})
+    assert out.returncode == 0, out.stderr
+    assert "-gencode=arch=compute_89,code=sm_89" in out.stdout and "sm_90" not in out.stdout
+
+
+@pytest.mark.cuda_ext
+def test_kernels_load_late_into_a_process():
+    """The kernels' library is a fragment of `_cuda_` ops: loading it after the package has defined
+    and registered its public ops conflicts with nothing."""
+    if _library.CUDA_EXT_PATH is None or not _library.CUDA_EXT_PATH.endswith(".so"):
+        pytest.skip("the kernels were not loaded from a shared library path")
+    code = ("import torch, quickllm_kernels as qk\n"
+            "from quickllm_kernels import _library\n"
+            "assert not _library.CUDA_EXT_LOADED or _library.CUDA_EXT_STATUS.startswith('loaded (ahead')\n"
+            "q = torch.randn(3, 2, 8); k = torch.randn(3, 1, 8)\n"
+            "qk.apply_rope(q, k, torch.arange(3), qk.rope_cache(8, 4))\n"
+            f"torch.ops.load_library({_library.CUDA_EXT_PATH!r})\n"
+            "for n in _library.SCHEMAS:\n"
+            "    if n not in _library.COMPOSITE:\n"
+            "        assert torch._C._dispatch_has_kernel_for_dispatch_key(f'quickllm::_cuda_{n}', 'CUDA'), n\n"
+            "        assert torch._C._dispatch_has_kernel_for_dispatch_key(f'quickllm::{n}', 'CPU'), n\n"
+            "qk.apply_rope(q, k, torch.arange(3), qk.rope_cache(8, 4))\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**ENV, "QUICKLLM_BUILD_CUDA": "0"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("mode", ["auto", "1"])
+def test_failed_build_falls_back_or_raises(tmp_path, mode):
+    code = ("import sys, torch\n"
+            "from quickllm_kernels import _build, _library\n"
+            "def broken(*a, **k):\n"
+            "    raise RuntimeError('compiling the CUDA kernels failed (log: x): error: planted')\n"
+            "_build.jit_build = broken\n"
+            "_build.build_unavailable = lambda: None\n"
+            "_build.jit_plan = lambda *a, **k: {'library': __import__('pathlib').Path('/nonexistent.so'), 'archs': ['90']}\n"
+            "try:\n"
+            "    ok = _library.ensure_cuda_extension()\n"
+            "except RuntimeError as e:\n"
+            "    print('raised', e); sys.exit(0)\n"
+            "print('loaded' if ok else 'fallback', _library.CUDA_EXT_STATUS)\n"
+            "assert _library.ensure_cuda_extension() is False  # tried once, not again per call\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**ENV, "QUICKLLM_BUILD_CUDA": mode, "QUICKLLM_CACHE_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    if mode == "1":
+        assert out.stdout.startswith("raised") and "planted" in out.stdout
+    else:
+        assert out.stdout.startswith("fallback just-in-time build failed") and "planted" in out.stdout
+        assert "continuing without the CUDA backend" in out.stderr
+
+
+def test_no_build_mode_never_compiles(tmp_path):
+    code = ("from quickllm_kernels import _build, _library\n"
+            "_build.jit_build = lambda *a, **k: (_ for _ in ()).throw(AssertionError('compiled'))\n"
+            "assert _library.ensure_cuda_extension() is False\n"
+            "print(_library.CUDA_EXT_STATUS)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**ENV, "QUICKLLM_BUILD_CUDA": "0", "QUICKLLM_CACHE_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert "QUICKLLM_BUILD_CUDA=0" in out.stdout
+
+
+def test_cpu_tensors_never_trigger_a_build(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_library, "ensure_cuda_extension", lambda **k: calls.append(1) or False)
+    from quickllm_kernels import backend
+
+    assert backend.unavailable_reason("cuda", "apply_rope", torch.device("cpu")) is not None
+    assert calls == []
