@@ -119,7 +119,7 @@ def _constexpr_names(fn):
 
 
 _COMPILE = r"""
-import importlib, json, sys
+import importlib, json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -148,6 +148,11 @@ for spec in specs:
             ptx = k.asm["ptx"]
             row["mma"] = sorted({line.split()[0] for line in ptx.splitlines()
                                  if line.strip().startswith(("mma.", "wgmma.mma_async"))})
+            # FP8 wgmma: (scale-d operand, accumulator registers); scale-d 0 means D = A*B, a fresh sum
+            row["wgmma_fp8"] = [(m.group(2).strip(), len(m.group(1).split(","))) for m in re.finditer(
+                r"wgmma\.mma_async\S*e4m3\S*\s*\{([^}]*)\},\s*[^,]+,\s*[^,]+,\s*([^,]+),", ptx)]
+            row["add_f32"] = len(re.findall(r"^\s*add(?:\.rn)?\.f32\s", ptx, re.M))
+            row["fma_f32"] = len(re.findall(r"^\s*fma\.rn\.f32\s", ptx, re.M))
         except Exception as e:  # reported by the test, with the kernel and its specialisation
             row["error"] = f"{type(e).__name__}: {e}"[-3000:]
         out.append(row)
@@ -183,3 +188,15 @@ def test_every_triton_kernel_compiles_for_sm80_sm89_sm90(tmp_path):
         if r["kernel"] == "_gemm_kernel" and (r["cc"] == 89 or r["constexprs"]["BM"] >= 64):
             want = "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32" if r["cc"] == 89 else "wgmma.mma_async"
             assert any(m.startswith(want) and "e4m3" in m for m in r["mma"]), (r["cc"], r["constexprs"], r["mma"])
+    # On sm_90 the FP8 tensor cores sum at most one K block (BK products, 128) before float32 takes
+    # over: the first wgmma (k32) of each block starts from zero (scale-d 0, not a predicate chaining it
+    # onto the previous result) and at most BK/32 chain, so no tensor-core sum runs across blocks.
+    for r in rows:
+        if r["kernel"] == "_gemm_kernel" and r["cc"] == 90 and r["constexprs"]["BM"] >= 64:
+            w, per_block = r["wgmma_fp8"], r["constexprs"]["BK"] // 32
+            starts = [i for i, (scale_d, _) in enumerate(w) if scale_d == "0"]
+            assert starts and starts[0] == 0, (r["constexprs"], w)
+            chains = [b - a for a, b in zip(starts, starts[1:] + [len(w)])]
+            assert max(chains) <= per_block, (r["constexprs"], w)
+            # ... and each accumulator register of a block's sum is scaled into float32 once per block
+            assert r["add_f32"] + r["fma_f32"] >= w[0][1], (r["constexprs"], r["add_f32"], r["fma_f32"])

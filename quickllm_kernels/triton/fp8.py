@@ -2,9 +2,14 @@
 
 Same semantics as reference/fp8.py: weight_dequant and act_quant agree with it bit for bit (one
 float32 multiply; IEEE float32 division with div_rn, never the approximate `/`; round to nearest
-even onto the e4m3 grid). fp8_block_gemm accumulates each 128-wide K block of A B^T in float32 on the
-FP8 tensor cores, then scales it by a_scales[m, kb] * b_scales[n // 128, kb] into a float32
-accumulator, as DeepGEMM does. Offsets are 64-bit.
+even onto the e4m3 grid). fp8_block_gemm computes each 128-wide K block of A B^T on the FP8 tensor
+cores, then scales it by a_scales[m, kb] * b_scales[n // 128, kb] into a float32 accumulator, as
+DeepGEMM does. Inside a block the sum is the tensor cores', not IEEE float32 (DeepSeek-V3 reports
+about 14 bits for FP8 on Hopper); across blocks it is float32: on sm_90 the four wgmma (k32) of a
+block chain in the tensor-core accumulator, the first starting from zero, and the block's sum is
+promoted to float32 by the scale-and-add (IMPRECISE_ACC = 128, the promotion interval of DeepGEMM
+and of DeepSeek-V3's training recipe); on sm_89 the four mma.sync of a block do the same. Offsets
+are 64-bit.
 """
 from __future__ import annotations
 
@@ -16,6 +21,10 @@ import triton.language as tl
 
 FP8_MAX = tl.constexpr(448.0)
 ACT_EPS = tl.constexpr(1e-10)
+# FP8 products summed on the tensor cores before a float32 add: one scale block (4 wgmma k32). 32
+# (one wgmma) would add float32 precision inside a block too, but ptxas then serialises the wgmmas
+# and the 128x128 tile spills (ptxas 12.9, sm_90): a cost no GPU run has weighed yet.
+IMPRECISE_ACC = tl.constexpr(128)
 
 
 def _on(device):
@@ -46,14 +55,14 @@ def _round_e4m3(r):
 def _e4m3_value(b):
     """float32 value of a float8_e4m3fn byte, by its bits: Triton has no e4m3 type below sm_89, and
     dequantising checkpoints is wanted on every GPU. Normal: exponent rebiased 7 -> 127; subnormal:
-    mantissa * 2**-9; 0x7F / 0xFF: NaN."""
+    mantissa * 2**-9; 0x7F / 0xFF: NaN. The sign bit goes onto either magnitude last, so 0x80 is
+    -0.0 (negating the float would not be: Triton 3.6 computes -x as 0 - x, which gives +0.0)."""
     b = b.to(tl.uint32)
     e = (b >> 3) & 0xF
     m = b & 7
-    normal = (((b & 0x80) << 24) | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
-    sub = m.to(tl.float32) * 0.001953125
-    sub = tl.where((b & 0x80) != 0, -sub, sub)
-    v = tl.where(e == 0, sub, normal)
+    normal = ((e + 120) << 23) | (m << 20)
+    sub = (m.to(tl.float32) * 0.001953125).to(tl.uint32, bitcast=True)
+    v = (tl.where(e == 0, sub, normal) | ((b & 0x80) << 24)).to(tl.float32, bitcast=True)
     return tl.where((b & 0x7F) == 0x7F, float("nan"), v)
 
 
@@ -209,7 +218,10 @@ def _gemm_kernel(a, a_s, b, b_s, c, M, N, K, sam, sbn, sasm, sask, sbsn, sbsk,
         k_ok = rk < K - kb * BK  # the last K block may be partial: zeros contribute nothing
         A = tl.load(a_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         B = tl.load(b_ptr, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        part = tl.dot(A, tl.trans(B))  # this K block alone, float32 on the tensor cores
+        # This K block alone, from zero: the tensor cores sum its 128 products, float32 the blocks
+        # (explicit on sm_90, where Triton's default would allow 2**30 products before promoting;
+        # sm_89's mma.sync path and the interpreter ignore it).
+        part = tl.dot(A, tl.trans(B), max_num_imprecise_acc=IMPRECISE_ACC)
         sa = tl.load(as_ptr + kb * sask, mask=m_ok, other=0.0)
         sb = tl.load(bs_ptr + kb * sbsk)
         acc += part * (sa * sb)[:, None]

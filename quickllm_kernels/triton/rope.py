@@ -58,8 +58,10 @@ def _rope_kernel(q_in, k_in, q_out, k_out, pos_ptr, cache_ptr, seq, max_position
     valid = (pos >= 0) & (pos < max_positions)
     row = tl.where(valid, pos, 0)
     d = tl.arange(0, BLOCK_HALF)
-    dmask = d < HALF
-    cmask = dmask & valid  # an invalid position reads nothing (the cache may even have no rows)
+    # An invalid position reads nothing (the cache may even have no rows): its bound is 0. One vector
+    # compare against a scalar, not `(d < HALF) & valid`: Triton 3.9's interpreter broadcasts a scalar
+    # comparison result as integers, and the `&` then gives a mask that tl.load rejects.
+    cmask = d < tl.where(valid, HALF, 0)
     cos = tl.load(cache_ptr + row * (2 * HALF) + d, mask=cmask, other=0.0).to(tl.float32)
     sin = tl.load(cache_ptr + row * (2 * HALF) + HALF + d, mask=cmask, other=0.0).to(tl.float32)
     nan = float("nan")
