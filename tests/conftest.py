@@ -2,7 +2,8 @@
 
 Markers (declared in pyproject.toml):
   gpu       needs a CUDA device; skipped without one.
-  cuda_ext  needs the compiled quickllm_kernels._C extension; skipped when it did not load.
+  cuda_ext  needs the compiled CUDA kernels (ahead of time, or compiled here on first use and cached);
+            skipped when they cannot be built or loaded.
   triton    needs triton; without a GPU these tests run the kernels under TRITON_INTERPRET=1,
             which this file sets before any kernel module is imported.
 """
@@ -39,7 +40,45 @@ def assert_close(got, want, dtype=None):
     torch.testing.assert_close(got.double(), want.double(), equal_nan=True, **TOL[dtype])
 
 
+# Outputs an op allocates itself cannot be pre-filled by the test, so the two helpers below make the
+# memory they come from hold NaN (bytes 0xFF: NaN in every float dtype, float8_e4m3fn included). An
+# element the op never writes then reads NaN instead of a stale, plausible value, and the usual
+# comparisons (assert_close without equal_nan, bit comparisons) fail on it.
+
+
+def poison_allocator(*nbytes, device="cuda"):
+    """Fill one block of the CUDA caching allocator per size in `nbytes` with 0xFF bytes and free them.
+    An allocation of about that size that follows on the same stream (an op's torch.empty / at::empty
+    output) then likely reuses one: best effort, the allocator may pick another free block."""
+    blocks = [torch.full((max(int(n), 1),), 0xFF, dtype=torch.uint8, device=device) for n in nbytes]
+    del blocks
+
+
+def _nan_fill(t):
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+        t.untyped_storage().fill_(0xFF)
+    return t
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """torch.empty and torch.empty_like called from Python (the Triton launchers, the ops' own output
+    buffers) return float tensors filled with NaN for the duration of the test."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out if "out" in kwargs else _nan_fill(out)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _nan_fill(real_empty_like(*a, **k)))
+
+
 def pytest_collection_modifyitems(config, items):
+    if any("cuda_ext" in item.keywords for item in items):
+        # The CUDA kernels' first use: compiled once for this GPU (on a CPU machine with nvcc, for
+        # csrc/build.json's architectures, so the registration tests run there too), then cached.
+        _library.ensure_cuda_extension()
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     skip_ext = pytest.mark.skip(reason=f"CUDA extension not loaded: {_library.CUDA_EXT_STATUS}")
     skip_triton = pytest.mark.skip(reason="triton is not installed")

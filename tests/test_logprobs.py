@@ -1,8 +1,12 @@
 """token_logprobs and linear_token_logprobs: vs log_softmax + gather in float64, each backend vs the
 reference (forward and backward), gradients, opcheck, torch.compile, bad inputs, and GPU scale."""
+import weakref
+
 import pytest
 import torch
-from conftest import HAS_CUDA, TOL
+from conftest import HAS_CUDA, TOL, poison_allocator
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import quickllm_kernels as qk
 from quickllm_kernels.reference import logprobs as ref
@@ -97,7 +101,7 @@ VOCABS = [1, 50, 257, 5003]  # none a multiple of a block; 5003 spans several 40
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 @pytest.mark.parametrize("vocab", VOCABS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_kernel_matches_reference(backend_name, vocab, dtype):
+def test_kernel_matches_reference(backend_name, vocab, dtype, nan_empty):
     logits = _logits(2, 4, vocab, dtype, seed=vocab)
     ids = _ids((2, 3), vocab, ignore_every=4)
     g_lp = torch.randn(2, 3, generator=_gen(2)).to(DEVICE)
@@ -182,7 +186,8 @@ def test_triton_out_of_range_ids_give_nan_without_reading():
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS + ["reference"])
 @pytest.mark.parametrize("chunk_rows", [0, 1, 7])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_matches_unfused(backend_name, chunk_rows, with_bias):
+def test_linear_matches_unfused(backend_name, chunk_rows, with_bias, nan_empty):
+    """Every row of lp, ent and grad_hidden is written (their buffers start as NaN here)."""
     n, h, v = 23, 16, 61
     g = _gen(6)
     hidden = torch.randn(n, h, generator=g).to(DEVICE)
@@ -239,6 +244,91 @@ def test_linear_never_holds_full_logits(monkeypatch):
     seen.clear()
     qk.linear_token_logprobs(hidden, weight, ids).sum().backward()  # auto chunk: max(256, N/32)
     assert max(s[0] for s in seen) == 256
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the tensors that the ops run inside it allocate and that are still alive,
+    and their peak, as the CUDA caching allocator's memory_allocated would (storages are counted
+    once, views and in-place results not at all). The quickllm ops are run through, so the aten ops
+    inside them are counted; token_logprobs and its backward are replaced by what their cuda and
+    triton kernels allocate (their outputs, nothing else), so that this emulates a GPU run on the
+    CPU, where auto picks the reference backend and its float32 intermediates."""
+
+    def __init__(self, *inputs):
+        super().__init__()
+        self.known = {t.untyped_storage().data_ptr() for t in inputs}
+        self.live, self.now, self.peak, self.at_peak = {}, 0, 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.quickllm.token_logprobs.default:
+            out = tuple(torch.zeros(args[0].shape[:-1]) for _ in range(3))
+        elif func is torch.ops.quickllm.token_logprobs_backward.default:
+            out = torch.zeros(args[2].shape, dtype=args[2].dtype)
+        elif func.namespace == "quickllm":
+            with self:
+                out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            key = st.data_ptr()
+            if key in self.live or key in self.known or st.nbytes() == 0:
+                continue
+            self.live[key] = (st.nbytes(), f"{func} {tuple(t.shape)} {t.dtype}")
+            self.now += st.nbytes()
+            if self.now > self.peak:
+                self.peak, self.at_peak = self.now, sorted(self.live.values(), reverse=True)[:6]
+            weakref.finalize(st, self._free, key)
+        return out
+
+    def _free(self, key):
+        self.now -= self.live.pop(key)[0]
+
+
+def test_linear_workspace_is_one_chunk_of_logits_and_its_gradient():
+    """The peak of forward + backward, minus the outputs, is at most one chunk's logits and their
+    gradient ([C, V] each, in the weight's dtype) plus per-row vectors: no [N, V] logits, no
+    float32 copy of a chunk or of grad_weight, no [V, H] product per chunk, no second chunk alive.
+    Sizes so that each of those would break the bound: C V = 1 M elements, V H = 1 M, N V = 4 M."""
+    n, h, v = 1024, 256, 4000
+    c = max(256, -(-n // 32))  # the auto chunk
+    g = _gen(10)
+    hidden = torch.randn(n, h, generator=g).bfloat16().requires_grad_()
+    weight = (torch.randn(v, h, generator=g) / 16).bfloat16().requires_grad_()
+    ids = torch.randint(0, v, (n,), generator=g)
+    mem = LiveBytes(hidden, weight, ids)
+    with mem:
+        qk.linear_token_logprobs(hidden, weight, ids).sum().backward()
+    outputs = 3 * n * 4 + hidden.grad.nbytes + weight.grad.nbytes  # lp, ent, lse; the two grads
+    extra, chunk = mem.peak - outputs, c * v * 2
+    assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
+    assert chunk <= extra <= 2 * chunk + 16 * n, f"extra {extra} B; live at the peak: {mem.at_peak}"
+
+
+def test_linear_bf16_grad_weight_one_rounding_per_chunk():
+    """bf16 weights: grad_weight is the sum over chunks of g_c^T h_c, added in bf16 with one rounding
+    per chunk (u = 2**-8 of each partial sum S_j), each chunk's product summed in float32 (at most
+    c float32 roundings of sum |g||h|). Checked against the same chunks' gradients summed in float64."""
+    n, h, v, c = 512, 32, 300, 16  # 32 chunks, the most auto chunking makes
+    g = _gen(11)
+    hidden = torch.randn(n, h, generator=g).bfloat16().requires_grad_()
+    weight = (torch.randn(v, h, generator=g) / 4).bfloat16().requires_grad_()
+    ids = _ids((n,), v, seed=12, ignore_every=7, device="cpu")
+    qk.linear_token_logprobs(hidden, weight, ids, chunk_rows=c).sum().backward()
+    hd, w = hidden.detach(), weight.detach()
+    _, ent, lse = torch.ops.quickllm.linear_token_logprobs(hd, w, None, ids, 1.0, -100, c)
+    exact, bound = torch.zeros(v, h, dtype=torch.float64), torch.zeros(v, h, dtype=torch.float64)
+    for r0 in range(0, n, c):
+        rows = slice(r0, r0 + c)
+        gc = torch.ops.quickllm.token_logprobs_backward(torch.ones(c), torch.zeros(c), torch.nn.functional.linear(
+            hd[rows], w), ids[rows], lse[rows], ent[rows], 1.0, -100).double()
+        exact += gc.t() @ hd[rows].double()
+        bound += 2.0 ** -8 * exact.abs() + c * 2.0 ** -24 * (gc.abs().t() @ hd[rows].double().abs())
+    err = (weight.grad.double() - exact).abs()
+    assert (err <= bound).all(), f"worst error / bound {float((err / bound).max()):.3f}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,27 +444,39 @@ def test_gpu_real_vocabularies(backend_name, vocab):
     want_grad = ref.token_logprobs_backward(g, torch.zeros_like(g), logits, ids, want[2], want[1], 1.0, -100)
     with qk.use_backend(backend_name):
         x = logits.detach().clone().requires_grad_()
+        poison_allocator(*[4 * 256 * 4] * 3)  # lp, ent, lse: an unwritten element reads NaN
         lp, ent = qk.token_logprobs(x, ids, return_entropy=True)
+        poison_allocator(4 * 256 * vocab * 2)  # the gradient
         lp.backward(g)
+    assert qk.last_backends()["token_logprobs"] == backend_name
     torch.testing.assert_close(lp, want[0], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(ent, want[1], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(x.grad.double(), want_grad.double(), **grad_tol(torch.bfloat16))
 
 
+def _all_finite(t, rows=4096):
+    """torch.isfinite(t).all() without a bool copy of all of t."""
+    return all(bool(torch.isfinite(t[r:r + rows]).all()) for r in range(0, t.shape[0], rows))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 def test_gpu_beyond_int32_elements(backend_name):
-    """65536 rows x 151936 (about 1e10 elements): rows past 2**31 elements are right, fwd and bwd."""
+    """65536 rows x 151936 (about 1e10 elements): rows past 2**31 elements are right, fwd and bwd, and
+    every element of both outputs is written."""
     rows, vocab = 65536, 151936
-    need = rows * vocab * 2 * 2 + (4 << 30)  # logits + grad in bf16, plus headroom
+    need = rows * vocab * 2 * 2 + (4 << 30)  # logits + grad in bf16 (19.9 GB each), plus headroom
     if torch.cuda.get_device_properties(0).total_memory < need:
         pytest.skip(f"needs {need / 2**30:.0f} GiB of GPU memory")
     logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, vocab, (rows,), device="cuda")
     with qk.use_backend(backend_name):
         x = logits.requires_grad_()
+        poison_allocator(*[rows * 4] * 3)
         lp = qk.token_logprobs(x, ids)
+        poison_allocator(rows * vocab * 2)
         lp.sum().backward()
+    assert _all_finite(lp) and _all_finite(x.grad)  # randn logits: finite everywhere, NaN where unwritten
     tail = slice(rows - 8, rows)  # offsets > 2**31 elements
     want = ref.token_logprobs(logits[tail].detach(), ids[tail], 1.0, -100)
     torch.testing.assert_close(lp[tail], want[0], rtol=1e-5, atol=1e-4)
@@ -384,16 +486,38 @@ def test_gpu_beyond_int32_elements(backend_name):
 
 
 @pytest.mark.gpu
-def test_gpu_linear_peak_memory_under_an_eighth_of_logits():
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_gpu_linear_extra_memory_is_one_chunk_of_logits_and_its_gradient(backend_name):
+    """Qwen2-7B's lm_head (V = 151936, H = 3584) over N = 16384 bf16 rows, forward + backward.
+    Peak memory_allocated minus what was allocated before the call (hidden, weight, ids) minus the
+    outputs (lp, ent, lse: 3 N float32, ent and lse saved for backward; grad_hidden [N, H] and
+    grad_weight [V, H] in bf16, 1.09 GB) is workspace. Chunks have C = max(256, N/32) = 512 rows, and
+    the workspace is one chunk's logits and their gradient: 2 C V bf16 = 297 MiB, 1/16 of the full
+    logits' 4.64 GiB, plus small pieces ([N] and [C] vectors, a cuBLAS workspace in case one is
+    allocated per call): 64 MiB, less than one more [C, V] chunk (148 MiB). A float32 grad_weight
+    accumulator (2.03 GiB), a [V, H] product per chunk (1.01 GiB), a chunk kept alive into the next
+    one or the full logits would each break the bound. The same accounting runs on the CPU in
+    test_linear_workspace_is_one_chunk_of_logits_and_its_gradient."""
     n, h, v = 16384, 3584, 151936
+    c = max(256, -(-n // 32))
     hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(v, h, device="cuda", dtype=torch.bfloat16) / 60).requires_grad_()
     ids = torch.randint(0, v, (n,), device="cuda")
+    with qk.use_backend(backend_name):  # warm-up: cuBLAS workspaces and kernel compilation happen here
+        qk.linear_token_logprobs(hidden[:8].detach().requires_grad_(), weight.detach(), ids[:8]).sum().backward()
+    poison_allocator(n * h * 2, *[n * 4] * 3)  # grad_hidden (torch.empty_like), lp, ent, lse
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    qk.linear_token_logprobs(hidden, weight, ids).sum().backward()
+    with qk.use_backend(backend_name):
+        lp = qk.linear_token_logprobs(hidden, weight, ids)
+        lp.sum().backward()
     torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base - hidden.numel() * 2 - weight.numel() * 2  # minus the grads
-    full_logits = n * v * 2
-    assert extra < full_logits / 8, f"peak extra {extra / 2**20:.0f} MiB vs full logits {full_logits / 2**20:.0f} MiB"
+    assert qk.last_backends()["token_logprobs"] == backend_name
+    outputs = 3 * n * 4 + hidden.grad.nbytes + weight.grad.nbytes
+    extra = torch.cuda.max_memory_allocated() - base - outputs
+    chunk = c * v * 2
+    assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
+    assert chunk <= extra <= 2 * chunk + (64 << 20), \
+        f"workspace {extra / 2**20:.0f} MiB, want <= {(2 * chunk + (64 << 20)) / 2**20:.0f} MiB"
+    assert _all_finite(lp) and _all_finite(hidden.grad) and _all_finite(weight.grad)

@@ -229,8 +229,7 @@ for _name, _impl, _fake in (("weight_dequant", _dequant_impl, _dequant_fake), ("
                             ("fp8_block_gemm", _gemm_impl, _gemm_fake)):
     torch.library.impl(f"quickllm::{_name}", ("CPU", "CUDA"), _impl, lib=_LIB)
     torch.library.register_fake(f"quickllm::{_name}", _fake, lib=_LIB)
-    if _library.has_cuda_kernel(_name):
-        torch.library.register_fake(f"quickllm::_cuda_{_name}", _fake, lib=_LIB)
+    _library.register_twin_fake(_name, _fake)
 
 
 # --------------------------------------------------------------------------------------------

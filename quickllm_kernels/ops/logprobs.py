@@ -139,9 +139,8 @@ torch.library.impl("quickllm::token_logprobs_backward", ("CPU", "CUDA"), _bwd_im
 torch.library.register_fake("quickllm::token_logprobs", _fwd_fake, lib=_LIB)
 torch.library.register_fake("quickllm::token_logprobs_backward", _bwd_fake, lib=_LIB)
 torch.library.register_autograd("quickllm::token_logprobs", _backward, setup_context=_setup_context, lib=_LIB)
-if _library.has_cuda_kernel("token_logprobs"):
-    torch.library.register_fake("quickllm::_cuda_token_logprobs", _fwd_fake, lib=_LIB)
-    torch.library.register_fake("quickllm::_cuda_token_logprobs_backward", _bwd_fake, lib=_LIB)
+_library.register_twin_fake("token_logprobs", _fwd_fake)
+_library.register_twin_fake("token_logprobs_backward", _bwd_fake)
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0,
@@ -172,6 +171,7 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature
 def _auto_chunk(n: int) -> int:
     # 1/32 of the rows per chunk keeps a chunk's logits and their gradient (the peak extra memory)
     # at 1/16 of the full [N, V] logits; at least 256 rows so small batches are not split finely.
+    # At most 32 chunks, so grad_weight takes at most 32 roundings (see _lin_bwd_impl).
     return max(1, min(n, max(256, -(-n // 32))))
 
 
@@ -209,6 +209,7 @@ def _lin_fwd_impl(hidden, weight, bias, token_ids, temperature, ignore_index, ch
     for r0, r1 in _chunks(n, chunk_rows):
         logits = torch.nn.functional.linear(hidden[r0:r1], weight, bias)  # [C, V], the only big buffer
         outs = torch.ops.quickllm.token_logprobs(logits, token_ids[r0:r1], temperature, ignore_index)
+        del logits  # freed before the next chunk's logits are made, not after
         for dst, src in zip((lp, ent, lse), outs):
             dst[r0:r1] = src
     return lp, ent, lse
@@ -216,10 +217,16 @@ def _lin_fwd_impl(hidden, weight, bias, token_ids, temperature, ignore_index, ch
 
 def _lin_bwd_impl(grad_logprobs, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature,
                   ignore_index, chunk_rows):
+    """Workspace: one chunk's logits and their gradient ([C, V] each, in the logits' dtype), nothing
+    of [V, H] or [N, V] size. grad_weight is accumulated in place in the weight's dtype: each chunk's
+    g^T h is summed in float32 inside the GEMM and added to grad_weight in its epilogue (addmm with
+    beta = 1), one rounding per chunk. A float32 accumulator would cost 4 V H bytes more (2 GiB for a
+    152k x 3584 lm_head, more than the whole bf16 logits of fewer than 2 H = 7168 rows); with auto
+    chunking there are at most 32 chunks. grad_bias ([V] only) is summed in float32."""
     _lin_check(hidden, weight, bias, token_ids, temperature)
     acc = torch.promote_types(hidden.dtype, torch.float32)
     grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
     grad_bias = torch.zeros(weight.shape[0] if bias is not None else 0, dtype=acc, device=weight.device)
     for r0, r1 in _chunks(hidden.shape[0], chunk_rows):
         h = hidden[r0:r1]
@@ -227,11 +234,13 @@ def _lin_bwd_impl(grad_logprobs, grad_entropy, hidden, weight, bias, token_ids, 
         g = torch.ops.quickllm.token_logprobs_backward(grad_logprobs[r0:r1], grad_entropy[r0:r1], logits,
                                                        token_ids[r0:r1], lse[r0:r1], entropy[r0:r1],
                                                        temperature, ignore_index)  # [C, V]
-        grad_hidden[r0:r1] = g @ weight
-        grad_weight += (g.t() @ h).to(acc)  # each chunk's product in the input dtype, summed in fp32
+        del logits  # only g from here on
+        torch.mm(g, weight, out=grad_hidden[r0:r1])
+        grad_weight.addmm_(g.t(), h)
         if bias is not None:
-            grad_bias += g.to(acc).sum(0)
-    return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+            grad_bias += g.sum(0, dtype=acc)
+        del g  # freed before the next chunk's logits are made
+    return grad_hidden, grad_weight, grad_bias.to(weight.dtype)
 
 
 def _lin_fwd_fake(hidden, weight, bias, token_ids, temperature, ignore_index, chunk_rows):
@@ -279,7 +288,10 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids:
     hidden [N, H] and weight [V, H] (the lm_head) in one float dtype; token_ids int64 [N]. Rows go
     through in chunks of `chunk_rows` (0: max(256, N/32)); each chunk's logits are made by cuBLAS,
     reduced by the token_logprobs kernel of the chosen backend and dropped; backward recomputes them
-    and gives grad_hidden, grad_weight (summed over chunks in float32) and grad_bias.
+    and gives grad_hidden, grad_weight and grad_bias. Extra memory: one chunk's logits and their
+    gradient. grad_weight is accumulated in the weight's dtype (each chunk's product is summed in
+    float32 by the GEMM, then added: one rounding per chunk, at most 32 with the default chunks);
+    grad_bias is summed in float32.
     Returns float32 [N] log-probs (and entropies with return_entropy).
     """
     if token_ids.dtype == torch.int32:
