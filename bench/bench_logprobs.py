@@ -1,16 +1,25 @@
-"""Log-prob benchmarks.
+"""Log-prob benchmarks, forward + backward.
 
-token_logprobs, forward + backward on bf16 logits [N, V]: bytes = logits read twice (forward and
-backward) + grad written once; against the reference, torch.compile(log_softmax + gather) and a
-TRL-style per-row logsumexp loop.
-linear_token_logprobs, forward + backward at N=16384, H=3584, V=151936 (Qwen2-7B lm_head): time and
-peak extra memory against the unfused path (full logits) and Liger's fused linear GRPO loss if present.
+token_logprobs on bf16 logits [N, V]: bytes = logits read twice (forward and backward) + their
+gradient written once, against the copy of as many bytes; providers: quickllm's kernels, the
+reference, torch.compile(log_softmax + gather) and a TRL-style per-row log_softmax loop. Checked:
+the log-probs and the logits' gradient.
+linear_token_logprobs at N=16384, H=3584, V=151936 (Qwen2-7B lm_head): TFLOP/s of the three matmuls
+(forward, two backward) against a bf16 cuBLAS matmul of the forward's shape, and peak extra memory
+against the unfused path (full logits), which is this op's x-reference baseline. Checked: log-probs
+and both gradients, against the reference backend.
+
+    python bench/run.py --op logprobs
+    python -m pytest bench -k logprobs             # pytest-benchmark (bench/test_bench.py)
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
 import quickllm_kernels as qk
+from common import Case, compiled
 from quickllm_kernels.reference import logprobs as ref
 
 TOKEN_CASES = {
@@ -23,109 +32,117 @@ SMOKE_TOKEN = {"smoke": dict(rows=64, vocab=1000)}
 SMOKE_LINEAR = {"smoke_linear": dict(rows=64, hidden=32, vocab=500)}
 
 
-def _token_providers(device):
-    def ours(name):
+def _step(f):
+    """make(x, ids) -> fn() running f forward and backward, returning (log-probs, x.grad)."""
+    def make(x, ids):
+        def step():
+            x.grad = None
+            lp = f(x, ids)
+            lp.sum().backward()
+            return lp.detach(), x.grad
+        return step
+    return make
+
+
+def _ours(name, x, ids):
+    with qk.use_backend(name):
+        return qk.token_logprobs(x, ids)
+
+
+def _plain(x, ids):  # the unfused formula
+    return torch.log_softmax(x.float(), -1).gather(-1, ids[..., None])[..., 0]
+
+
+def _trl_style(x, ids):  # TRL's selective_log_softmax for bf16: a log_softmax per row, in a loop
+    return torch.stack([torch.log_softmax(row.float(), -1).gather(-1, i[None])[0] for row, i in zip(x, ids)])
+
+
+def _reference(x, ids):
+    return ref.token_logprobs(x, ids, 1.0, -100)[0]
+
+
+def token_providers(device) -> dict:
+    out = {}
+    for name in ("cuda", "triton"):
         why = qk.backend.unavailable_reason(name, "token_logprobs", torch.device(device))
-        if why:
-            return why
-
-        def fn(x, ids):
-            with qk.use_backend(name):
-                return qk.token_logprobs(x, ids)
-        return fn
-
-    def plain(x, ids):  # the unfused formula
-        return torch.log_softmax(x.float(), -1).gather(-1, ids[..., None])[..., 0]
-
-    def trl_style(x, ids):  # TRL's selective_log_softmax for bf16: a logsumexp per row, in a loop
-        out = []
-        for row, i in zip(x, ids):
-            lp = torch.log_softmax(row.float(), -1)
-            out.append(lp.gather(-1, i[None])[0])
-        return torch.stack(out)
-
-    return {"quickllm-cuda": ours("cuda"), "quickllm-triton": ours("triton"),
-            "reference": lambda x, ids: ref.token_logprobs(x, ids, 1.0, -100)[0],
-            "torch.compile(log_softmax+gather)": torch.compile(plain, dynamic=False),
-            "trl per-row logsumexp": trl_style}
+        out[f"quickllm-{name}"] = why or _step(functools.partial(_ours, name))
+    out["reference"] = _step(_reference)
+    out["torch.compile(log_softmax+gather)"] = lambda x, ids: _step(compiled(_plain))(x, ids)
+    out["trl per-row log_softmax"] = _step(_trl_style)
+    return out
 
 
-def run(device, *, smoke=False, time_ms, ceiling_gbs):
-    rows = []
-    dev = torch.device(device)
+def _token_inputs(c, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(c["rows"], c["vocab"], generator=g, device=device, dtype=torch.bfloat16).requires_grad_()
+    ids = torch.randint(0, c["vocab"], (c["rows"],), generator=g, device=device)
+    return x, ids
+
+
+def _token_expected(x, ids):
+    return _step(_reference)(x.detach().clone().requires_grad_(), ids)()
+
+
+def _linear_inputs(c, device):
+    g = torch.Generator(device=device).manual_seed(1)
+    h = torch.randn(c["rows"], c["hidden"], generator=g, device=device, dtype=torch.bfloat16).requires_grad_()
+    w = (torch.randn(c["vocab"], c["hidden"], generator=g, device=device) / c["hidden"] ** 0.5).to(torch.bfloat16)
+    ids = torch.randint(0, c["vocab"], (c["rows"],), generator=g, device=device)
+    return h, w.requires_grad_(), ids
+
+
+def _linear_step(f):
+    """make(h, w, ids) -> fn() running f forward and backward, returning (log-probs, h.grad, w.grad)."""
+    def make(h, w, ids):
+        def step():
+            h.grad = w.grad = None
+            lp = f(h, w, ids)
+            lp.sum().backward()
+            return lp.detach(), h.grad, w.grad
+        return step
+    return make
+
+
+def _unfused(h, w, ids):
+    return torch.log_softmax((h @ w.T).float(), -1).gather(-1, ids[:, None])[:, 0]
+
+
+def _linear_reference(h, w, ids):
+    with qk.use_backend("reference"):
+        return qk.linear_token_logprobs(h, w, ids)
+
+
+def _linear_expected(h, w, ids):
+    return _linear_step(_linear_reference)(h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_(),
+                                           ids)()
+
+
+def linear_providers() -> dict:
+    out = {"quickllm linear_token_logprobs": _linear_step(lambda h, w, ids: qk.linear_token_logprobs(h, w, ids)),
+           "unfused (full logits)": _linear_step(_unfused),
+           "torch.compile(unfused)": lambda h, w, ids: _linear_step(compiled(_unfused))(h, w, ids)}
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss  # noqa: F401
+        out["liger fused linear GRPO"] = "installed, not yet wired into this benchmark"
+    except ImportError as e:
+        out["liger fused linear GRPO"] = f"not installed ({e.name})"
+    return out
+
+
+def cases(device, smoke: bool = False) -> list[Case]:
+    out = []
     for name, c in (SMOKE_TOKEN if smoke else TOKEN_CASES).items():
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(c["rows"], c["vocab"], generator=g).to(device=dev, dtype=torch.bfloat16).requires_grad_()
-        ids = torch.randint(0, c["vocab"], (c["rows"],), generator=g).to(dev)
-        nbytes = 3 * x.numel() * x.element_size()
-        times = {}
-        for prov, fn in _token_providers(device).items():
-            if isinstance(fn, str):
-                rows.append(dict(op="token_logprobs", case=name, provider=prov, skipped=fn))
-                continue
-            if smoke and prov.startswith("torch.compile"):
-                rows.append(dict(op="token_logprobs", case=name, provider=prov, skipped="not in smoke runs"))
-                continue
-
-            def step():
-                x.grad = None
-                fn(x, ids).sum().backward()
-            ms = time_ms(step)
-            times[prov] = ms
-            gbs = nbytes / (ms * 1e-3) / 1e9
-            rows.append(dict(op="token_logprobs", case=name, provider=prov, shape=f"[{c['rows']}, {c['vocab']}] bf16 fwd+bwd",
-                             median_ms=ms, bytes=nbytes, gbs=gbs, pct_of_copy=100 * gbs / ceiling_gbs))
-        _speedups(rows, name, times, "reference", "torch.compile(log_softmax+gather)")
-
+        out.append(Case(
+            op="token_logprobs", name=name, shape=f"[{c['rows']}, {c['vocab']}] bf16 fwd+bwd",
+            inputs=functools.partial(_token_inputs, c, device), providers=token_providers(device),
+            expected=_token_expected, nbytes=3 * c["rows"] * c["vocab"] * 2, tol=1e-2,
+            baselines={"vs_reference": "reference", "vs_compiled": "torch.compile(log_softmax+gather)"}))
     for name, c in (SMOKE_LINEAR if smoke else LINEAR_CASES).items():
-        g = torch.Generator().manual_seed(1)
-        h = (torch.randn(c["rows"], c["hidden"], generator=g)).to(device=dev, dtype=torch.bfloat16).requires_grad_()
-        w = (torch.randn(c["vocab"], c["hidden"], generator=g) / c["hidden"] ** 0.5).to(dev, torch.bfloat16)
-        w.requires_grad_()
-        ids = torch.randint(0, c["vocab"], (c["rows"],), generator=g).to(dev)
-        full_logits = c["rows"] * c["vocab"] * 2
-        provs = {
-            "quickllm linear_token_logprobs": lambda: qk.linear_token_logprobs(h, w, ids).sum().backward(),
-            "unfused (full logits)": lambda: torch.log_softmax((h @ w.T).float(), -1).gather(
-                -1, ids[:, None]).sum().backward(),
-        }
-        try:
-            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss  # noqa: F401
-            rows.append(dict(op="linear_token_logprobs", case=name, provider="liger fused linear GRPO",
-                             skipped="installed, not yet wired into this benchmark"))
-        except ImportError as e:
-            rows.append(dict(op="linear_token_logprobs", case=name, provider="liger fused linear GRPO",
-                             skipped=f"not installed ({e.name})"))
-        times = {}
-        for prov, fn in provs.items():
-            def step(fn=fn):
-                h.grad = w.grad = None
-                fn()
-            peak = None
-            if dev.type == "cuda":
-                step()
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                step()
-                torch.cuda.synchronize()
-                peak = torch.cuda.max_memory_allocated() - base
-            ms = time_ms(step)
-            times[prov] = ms
-            flops = 3 * 2 * c["rows"] * c["hidden"] * c["vocab"]  # forward matmul + two backward matmuls
-            rows.append(dict(op="linear_token_logprobs", case=name, provider=prov,
-                             shape=f"N={c['rows']} H={c['hidden']} V={c['vocab']} bf16 fwd+bwd", median_ms=ms,
-                             tflops=flops / (ms * 1e-3) / 1e12,
-                             peak_extra_mib=None if peak is None else peak / 2**20,
-                             peak_vs_full_logits=None if peak is None else peak / full_logits))
-        _speedups(rows, name, times, "unfused (full logits)", None)
-    return rows
-
-
-def _speedups(rows, case, times, base, compiled):
-    for r in rows:
-        if r.get("case") == case and "median_ms" in r:
-            if base in times:
-                r["vs_reference"] = times[base] / r["median_ms"]
-            if compiled and compiled in times:
-                r["vs_compiled"] = times[compiled] / r["median_ms"]
+        n, h, v = c["rows"], c["hidden"], c["vocab"]
+        out.append(Case(
+            op="linear_token_logprobs", name=name, shape=f"N={n} H={h} V={v} bf16 fwd+bwd",
+            inputs=functools.partial(_linear_inputs, c, device), providers=linear_providers(),
+            expected=_linear_expected, flops=3 * 2 * n * h * v, tol=2e-2, matmul_ceiling=(n, v, h),
+            baselines={"vs_reference": "unfused (full logits)", "vs_compiled": "torch.compile(unfused)"},
+            peak_memory=n * v * 2))
+    return out

@@ -1,27 +1,29 @@
 """RoPE benchmark: quickllm's CUDA and Triton kernels vs the reference, torch.compile(reference) and
-installed peers (flash-attn's and Liger's rotary), on real model shapes.
+installed peers (flash-attn's and Liger's rotary), on real model shapes, bf16.
 
-Bytes moved per call: q and k read once and written once (plus the positions); the cos/sin rows are
-not counted (a few KB, served from L2). GB/s is over the median time of one call.
+Bytes per call: q and k read once and written once, plus the int64 positions; the cos/sin rows are
+not counted (a few KB, served from L2). The peers take cos/sin rows already gathered per token
+(gathered outside the timed call) and rotate q and k in two calls (flash-attn) or one (Liger).
 
-    python bench/run.py --op rope            # markdown table + JSON (GPU events)
-    pytest bench/bench_rope.py               # the same cases under pytest-benchmark (synchronised)
+    python bench/run.py --op rope
+    python -m pytest bench -k apply_rope          # pytest-benchmark (bench/test_bench.py)
 """
 from __future__ import annotations
 
-import pytest
+import functools
+
 import torch
 
 import quickllm_kernels as qk
+from common import Case, compiled
 from quickllm_kernels.reference import rope as ref
 
-# name: (tokens, hq, hk, q head stride layout, head_dim, rotary_dim, style, inplace)
 CASES = {
     # Qwen2-7B prefill: q [T, 28, 128] and k [T, 4, 128] as views of the fused qkv projection.
     "qwen2_7b_16k": dict(tokens=16384, hq=28, hk=4, head_dim=128, rotary_dim=128, style="neox", inplace=False),
     "qwen2_7b_16k_inplace": dict(tokens=16384, hq=28, hk=4, head_dim=128, rotary_dim=128, style="neox",
                                  inplace=True),
-    # Qwen2-7B decode step of 64 sequences: launch-latency bound.
+    # Qwen2-7B decode step of 64 sequences: launch-latency bound (CUDA-graph timing too).
     "qwen2_7b_decode64": dict(tokens=64, hq=28, hk=4, head_dim=128, rotary_dim=128, style="neox", inplace=False),
     # DeepSeek-V3 MLA rope part: q_pe = last 64 of 192 dims of 128 heads, k_pe = 64 dims of the
     # 576-wide latent projection (one head shared by all), interleaved pairs.
@@ -29,72 +31,57 @@ CASES = {
                                 inplace=False, mla=True),
 }
 SMOKE_CASES = {"smoke": dict(tokens=64, hq=4, hk=2, head_dim=32, rotary_dim=32, style="neox", inplace=False)}
+MAX_POS = 32768
 
 
-def make_inputs(case: dict, device, dtype=torch.bfloat16):
-    t, hq, hk, d = case["tokens"], case["hq"], case["hk"], case["head_dim"]
-    g = torch.Generator().manual_seed(0)
-    if case.get("mla"):
-        q_full = torch.randn(t, hq, 128 + d, generator=g).to(device=device, dtype=dtype)
-        kv = torch.randn(t, 512 + d, generator=g).to(device=device, dtype=dtype)
+def make_inputs(spec: dict, device, dtype=torch.bfloat16):
+    """(q, k, positions, cos_sin_cache): q and k as strided views of one projection, random positions."""
+    t, hq, hk, d = spec["tokens"], spec["hq"], spec["hk"], spec["head_dim"]
+    g = torch.Generator(device=device).manual_seed(0)
+    if spec.get("mla"):
+        q_full = torch.randn(t, hq, 128 + d, generator=g, device=device, dtype=dtype)
+        kv = torch.randn(t, 512 + d, generator=g, device=device, dtype=dtype)
         q, k = q_full[..., 128:], kv[:, 512:].view(t, 1, d)
     else:
-        qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g).to(device=device, dtype=dtype)
+        qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g, device=device, dtype=dtype)
         q = qkv[:, : hq * d].view(t, hq, d)
         k = qkv[:, hq * d : (hq + hk) * d].view(t, hk, d)
-    max_pos = 32768
-    positions = torch.randint(0, max_pos, (t,), generator=g).to(device)
-    cache = qk.rope_cache(case["rotary_dim"], max_pos, base=1e6, device=device)
+    positions = torch.randint(0, MAX_POS, (t,), generator=g, device=device)
+    cache = qk.rope_cache(spec["rotary_dim"], MAX_POS, base=1e6, device=device)
     return q, k, positions, cache
 
 
-def bytes_moved(q, k, positions) -> int:
-    return 2 * (q.numel() * q.element_size() + k.numel() * k.element_size()) + positions.numel() * positions.element_size()
-
-
-def providers(case: dict, device) -> dict:
-    """name -> (callable factory taking the inputs, or a string saying why it is unavailable)."""
-    style, inplace = case["style"], case["inplace"]
-    is_neox = style == "neox"
+def providers(spec: dict, device) -> dict:
+    """name -> make(q, k, positions, cache) -> fn() returning (q_rot, k_rot), or why it cannot run."""
+    is_neox, inplace = spec["style"] == "neox", spec["inplace"]
+    device = torch.device(device)
     out = {}
 
     def ours(name):
-        why = qk.backend.unavailable_reason(name, "apply_rope", torch.device(device))
-        if why:
-            return why
-
-        def make(q, k, pos, cache):
-            def run():
-                with qk.use_backend(name):
-                    return qk.apply_rope(q, k, pos, cache, style=style, inplace=inplace)
-            return run
-        return make
+        why = qk.backend.unavailable_reason(name, "apply_rope", device)
+        return why or (lambda q, k, pos, cache: lambda: _ours(name, q, k, pos, cache, spec["style"], inplace))
 
     out["quickllm-cuda"] = ours("cuda")
     out["quickllm-triton"] = ours("triton")
-    if not inplace and qk._library.has_cuda_kernel("apply_rope") and torch.device(device).type == "cuda":
+    if not inplace and qk._library.has_cuda_kernel("apply_rope") and device.type == "cuda":
         # The compiled kernel alone, without the Python op layer: shows the host overhead.
         out["quickllm-cuda (kernel only)"] = lambda q, k, pos, cache: (
             lambda: torch.ops.quickllm._cuda_apply_rope(q, k, pos, cache, is_neox, False))
+    fn = functools.partial(_ref_inplace if inplace else _ref, is_neox=is_neox)
+    out["reference"] = lambda q, k, pos, cache: lambda: fn(q, k, pos, cache)
 
-    if inplace:
-        out["reference"] = lambda q, k, pos, cache: (lambda: ref.apply_rope_(q, k, pos, cache, is_neox, False))
-    else:
-        out["reference"] = lambda q, k, pos, cache: (lambda: ref.apply_rope(q, k, pos, cache, is_neox, False))
+    def make_compiled(q, k, pos, cache):
+        c = compiled(lambda q, k, pos, cache: (_ref_inplace if inplace else _ref)(q, k, pos, cache, is_neox))
+        return lambda: c(q, k, pos, cache)
+    out["torch.compile(reference)"] = make_compiled
 
-    def compiled(q, k, pos, cache):
-        fn = torch.compile(ref.apply_rope_ if inplace else ref.apply_rope, dynamic=False)
-        return lambda: fn(q, k, pos, cache, is_neox, False)
-    out["torch.compile(reference)"] = compiled
-
-    try:  # flash-attn: per-sequence offsets only, so positions are 0..T-1 here; q and k in two calls
+    try:
         from flash_attn.layers.rotary import apply_rotary_emb
 
         def fa(q, k, pos, cache):
-            half = cache.shape[1] // 2
-            cos, sin = cache[: q.shape[0], :half].to(q.dtype), cache[: q.shape[0], half:].to(q.dtype)
-            return lambda: (apply_rotary_emb(q[None], cos, sin, interleaved=not is_neox, inplace=inplace),
-                            apply_rotary_emb(k[None], cos, sin, interleaved=not is_neox, inplace=inplace))
+            cos, sin = _gathered(cache, pos, q.dtype)  # [T, R/2]: row t is position pos[t]
+            return lambda: (apply_rotary_emb(q[None], cos, sin, interleaved=not is_neox, inplace=inplace)[0],
+                            apply_rotary_emb(k[None], cos, sin, interleaved=not is_neox, inplace=inplace)[0])
         out["flash-attn rotary"] = fa
     except ImportError as e:
         out["flash-attn rotary"] = f"not installed ({e.name})"
@@ -105,67 +92,50 @@ def providers(case: dict, device) -> dict:
             out["liger rope"] = "rotates halves only"
         else:
             def lg(q, k, pos, cache):
-                half = cache.shape[1] // 2
-                rows = cache[pos]
-                cos = torch.cat((rows[:, :half],) * 2, -1)[None].to(q.dtype)
-                sin = torch.cat((rows[:, half:],) * 2, -1)[None].to(q.dtype)
+                cos, sin = _gathered(cache, pos, q.dtype)
+                cos, sin = torch.cat((cos, cos), -1)[None], torch.cat((sin, sin), -1)[None]
                 qt, kt = q.transpose(0, 1)[None], k.transpose(0, 1)[None]
-                return lambda: LigerRopeFunction.apply(qt, kt, cos, sin)
+
+                def run():
+                    qo, ko = LigerRopeFunction.apply(qt, kt, cos, sin)
+                    return qo[0].transpose(0, 1), ko[0].transpose(0, 1)
+                return run
             out["liger rope"] = lg
     except ImportError as e:
         out["liger rope"] = f"not installed ({e.name})"
     return out
 
 
-def run(device, *, smoke=False, time_ms, ceiling_gbs):
-    """Rows of results for every case and provider that can run on `device`."""
-    rows = []
-    for name, case in (SMOKE_CASES if smoke else CASES).items():
-        inputs = make_inputs(case, device)
-        nbytes = bytes_moved(*inputs[:3])
-        timings = {}
-        for prov, factory in providers(case, device).items():
-            if isinstance(factory, str):
-                rows.append(dict(op="apply_rope", case=name, provider=prov, skipped=factory))
-                continue
-            if smoke and prov == "torch.compile(reference)":
-                rows.append(dict(op="apply_rope", case=name, provider=prov, skipped="not in smoke runs"))
-                continue
-            args = [t.clone() if case["inplace"] and i < 2 else t for i, t in enumerate(inputs)]
-            fn = factory(*args)
-            ms = time_ms(fn)
-            timings[prov] = ms
-            gbs = nbytes / (ms * 1e-3) / 1e9
-            rows.append(dict(op="apply_rope", case=name, provider=prov, tokens=case["tokens"],
-                             shape=f"q[{case['tokens']},{case['hq']},{case['head_dim']}] k[{case['hk']}] "
-                                   f"{case['style']}{' inplace' if case['inplace'] else ''}",
-                             dtype="bfloat16", median_ms=ms, bytes=nbytes, gbs=gbs,
-                             pct_of_copy=100 * gbs / ceiling_gbs))
-        for r in rows:
-            if r.get("case") == name and "median_ms" in r:
-                for base, key in (("reference", "vs_reference"), ("torch.compile(reference)", "vs_compiled")):
-                    if base in timings:
-                        r[key] = timings[base] / r["median_ms"]
-    return rows
+def _ours(name, q, k, pos, cache, style, inplace):
+    with qk.use_backend(name):
+        return qk.apply_rope(q, k, pos, cache, style=style, inplace=inplace)
 
 
-# ---- pytest-benchmark entry (wall clock, so every timed call synchronises) ----------------------
+def _gathered(cache, pos, dtype):
+    half = cache.shape[1] // 2
+    rows = cache[pos]
+    return rows[:, :half].to(dtype).contiguous(), rows[:, half:].to(dtype).contiguous()
 
-_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+def _ref(q, k, pos, cache, is_neox):
+    return ref.apply_rope(q, k, pos, cache, is_neox, False)
 
 
-@pytest.mark.parametrize("case", list(CASES) if _DEVICE == "cuda" else list(SMOKE_CASES))
-@pytest.mark.parametrize("provider", ["quickllm-cuda", "quickllm-triton", "reference", "torch.compile(reference)"])
-def test_rope(benchmark, case, provider):
-    spec = {**CASES, **SMOKE_CASES}[case]
-    factory = providers(spec, _DEVICE)[provider]
-    if isinstance(factory, str):
-        pytest.skip(factory)
-    fn = factory(*make_inputs(spec, _DEVICE))
-    sync = torch.cuda.synchronize if _DEVICE == "cuda" else (lambda: None)
+def _ref_inplace(q, k, pos, cache, is_neox):
+    ref.apply_rope_(q, k, pos, cache, is_neox, False)
+    return q, k
 
-    def timed():
-        fn()
-        sync()
 
-    benchmark.pedantic(timed, warmup_rounds=5, rounds=50)
+def cases(device, smoke: bool = False) -> list[Case]:
+    out = []
+    for name, spec in (SMOKE_CASES if smoke else CASES).items():
+        t, hq, hk, d = spec["tokens"], spec["hq"], spec["hk"], spec["head_dim"]
+        is_neox = spec["style"] == "neox"
+        out.append(Case(
+            op="apply_rope", name=name,
+            shape=f"q[{t},{hq},{d}] k[{t},{hk},{d}] bf16 {spec['style']}{' inplace' if spec['inplace'] else ''}",
+            inputs=functools.partial(make_inputs, spec, device), providers=providers(spec, device),
+            expected=lambda q, k, pos, cache, is_neox=is_neox: _ref(q, k, pos, cache, is_neox),
+            nbytes=2 * 2 * t * (hq + hk) * d + 8 * t, tol=1e-2, mutates=spec["inplace"], graph=t <= 64,
+            extra=dict(tokens=t)))
+    return out

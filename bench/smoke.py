@@ -1,0 +1,282 @@
+"""Smoke pass: every op on every backend that can run here, against the reference, on fresh data.
+
+    python bench/smoke.py [--json out.json] [--small] [--backend cuda] [--no-graphs]
+
+Each case runs an op with one kernel backend (cuda, triton) forced and compares with the reference
+backend on the same inputs (relative error ||got - want|| / ||want|| in float64, or exact bits where the op promises
+them). On a GPU the caching allocator is first filled with NaN (so an output element a kernel forgets
+to write shows up as NaN, not as a stale plausible value), and each case is then captured in a CUDA
+graph and replayed on new input values, which must give the reference's answer for those values.
+On the CPU the Triton kernels run under TRITON_INTERPRET=1 at small shapes. Exit code 1 if any case
+fails. `--small` uses shapes small enough for compute-sanitizer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
+import quickllm_kernels as qk  # noqa: E402
+from quickllm_kernels.reference import fp8 as ref_fp8  # noqa: E402
+
+# Relative error ||got - want|| / ||want|| allowed per output dtype. Kernels compute in float32 and
+# round once to the output dtype: the RMS of that rounding is about 2^-9 relative for bfloat16 (twice
+# that under the Triton interpreter, which truncates), so these bounds sit a few times above it and
+# far below what a wrong index, mask or position does to even one row.
+REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def poison_allocator(device: torch.device, nbytes: int) -> None:
+    """Leave a freed block of `nbytes` full of NaN in the caching allocator, so the next allocations
+    of that size reuse NaN-filled memory."""
+    if device.type == "cuda" and nbytes > 0:
+        buf = torch.full((nbytes // 4 + 1,), float("nan"), device=device)
+        del buf
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    if got.shape != want.shape:
+        return math.inf
+    if torch.isnan(got).any() and not torch.isnan(want).any():
+        return math.nan
+    den = want.norm().item()
+    return (got - want).norm().item() / (den if den > 0 else 1.0)
+
+
+def _rand(*shape, dtype, device, scale=1.0):
+    return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+
+# Each case: name -> (op for backend checks, make(device, small) -> inputs dict, run(inputs) -> tensors,
+# how to compare: "rel", "exact" or "exact-gpu", refresh(inputs): new values in place, for the graph replay).
+def _rope_make(dev, small):
+    t, hq, hk, d = (37, 4, 2, 128) if small else (1000, 28, 4, 128)
+    qkv = _rand(t, (hq + 2 * hk) * d, dtype=torch.bfloat16, device=dev)
+    return dict(qkv=qkv, q=qkv[:, : hq * d].view(t, hq, d), k=qkv[:, hq * d: (hq + hk) * d].view(t, hk, d),
+                pos=torch.randint(0, 4096, (t,), device=dev), cache=qk.rope_cache(d, 4096, base=1e6, device=dev))
+
+
+def _rope_run(x):
+    return qk.apply_rope(x["q"], x["k"], x["pos"], x["cache"])
+
+
+def _rope_inplace_run(x):
+    q, k = x["q"].clone(), x["k"].clone()
+    qk.apply_rope(q, k, x["pos"], x["cache"], inplace=True)
+    return q, k
+
+
+def _rope_refresh(x):
+    x["qkv"].copy_(torch.randn_like(x["qkv"], dtype=torch.float32))
+    x["pos"].random_(0, 4096)
+
+
+def _lp_make(dev, small):
+    n, v = (19, 1000) if small else (512, 151936)
+    logits = _rand(n, v, dtype=torch.bfloat16, device=dev, scale=3.0).requires_grad_()
+    ids = torch.randint(0, v, (n,), device=dev)
+    ids[::7] = -100
+    return dict(logits=logits, ids=ids, g=torch.randn(n, device=dev), ge=torch.randn(n, device=dev))
+
+
+def _lp_run(x):
+    x["logits"].grad = None
+    with torch.enable_grad():
+        lp, ent = qk.token_logprobs(x["logits"], x["ids"], temperature=0.7, return_entropy=True)
+        (grad,) = torch.autograd.grad((lp * x["g"]).sum() + (ent * x["ge"]).sum(), x["logits"])
+    return lp, ent, grad
+
+
+def _lp_refresh(x):
+    with torch.no_grad():
+        x["logits"].copy_(torch.randn_like(x["logits"], dtype=torch.float32) * 3)
+
+
+def _lin_make(dev, small):
+    n, h, v = (33, 64, 300) if small else (1024, 3584, 32768)
+    return dict(hidden=_rand(n, h, dtype=torch.bfloat16, device=dev).requires_grad_(),
+                weight=_rand(v, h, dtype=torch.bfloat16, device=dev, scale=h ** -0.5).requires_grad_(),
+                ids=torch.randint(0, v, (n,), device=dev), g=torch.randn(n, device=dev))
+
+
+def _lin_run(x):
+    with torch.enable_grad():
+        lp, ent = qk.linear_token_logprobs(x["hidden"], x["weight"], x["ids"], return_entropy=True)
+        gh, gw = torch.autograd.grad((lp * x["g"]).sum() + ent.sum(), (x["hidden"], x["weight"]))
+    return lp, ent, gh, gw
+
+
+def _lin_refresh(x):
+    with torch.no_grad():
+        x["hidden"].copy_(torch.randn_like(x["hidden"], dtype=torch.float32))
+
+
+def _dequant_make(dev, small):
+    m, n = (200, 300) if small else (7168, 2048)
+    q, s = ref_fp8.weight_quant(torch.randn(m, n, device=dev))
+    return dict(q=q, s=s)
+
+
+def _dequant_refresh(x):
+    q, s = ref_fp8.weight_quant(torch.randn(x["q"].shape, device=x["q"].device))
+    x["q"].copy_(q)
+    x["s"].copy_(s)
+
+
+def _act_make(dev, small):
+    t, k = (19, 300) if small else (4096, 7168)
+    return dict(x=_rand(t, k, dtype=torch.bfloat16, device=dev))
+
+
+def _act_refresh(x):
+    x["x"].copy_(torch.randn_like(x["x"], dtype=torch.float32))
+
+
+def _gemm_make(dev, small):
+    m, n, k = (33, 200, 256) if small else (1000, 2048, 7168)
+    aq, as_ = ref_fp8.act_quant(torch.randn(m, k, device=dev), 128)
+    bq, bs = ref_fp8.weight_quant(torch.randn(n, k, device=dev))
+    return dict(aq=aq, as_=as_, bq=bq, bs=bs)
+
+
+def _gemm_refresh(x):
+    aq, as_ = ref_fp8.act_quant(torch.randn(x["aq"].shape, device=x["aq"].device), 128)
+    x["aq"].copy_(aq)
+    x["as_"].copy_(as_)
+
+
+def _fp8_bits(t):
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+CASES = {
+    "apply_rope": ("apply_rope", _rope_make, _rope_run, "rel", _rope_refresh),
+    "apply_rope_ (in place)": ("apply_rope", _rope_make, _rope_inplace_run, "rel", _rope_refresh),
+    "token_logprobs fwd+bwd": ("token_logprobs", _lp_make, _lp_run, "rel", _lp_refresh),
+    "linear_token_logprobs fwd+bwd": ("token_logprobs", _lin_make, _lin_run, "rel", _lin_refresh),
+    "weight_dequant": ("weight_dequant", _dequant_make, lambda x: (qk.weight_dequant(x["q"], x["s"]),), "exact-gpu",
+                       _dequant_refresh),
+    "act_quant fp32": ("act_quant", _act_make, lambda x: tuple(map(_fp8_bits, qk.act_quant(x["x"]))), "exact",
+                       _act_refresh),
+    "act_quant ue8m0": ("act_quant", _act_make,
+                        lambda x: tuple(map(_fp8_bits, qk.act_quant(x["x"], scale_format="ue8m0"))), "exact",
+                        _act_refresh),
+    "fp8_block_gemm": ("fp8_block_gemm", _gemm_make,
+                       lambda x: (qk.fp8_block_gemm(x["aq"], x["as_"], x["bq"], x["bs"]),), "rel", _gemm_refresh),
+}
+
+
+def _compare(got, want, how, device):
+    """(ok, worst error, its tolerance): exact bits, or each output within its dtype's REL_TOL."""
+    if how == "exact-gpu":  # the Triton interpreter truncates float32 -> bfloat16 where GPUs round
+        how = "exact" if device.type == "cuda" else "rel"
+    if len(got) != len(want):
+        return False, math.inf, 0.0
+    worst = (0.0, 0.0, 0.0)  # (error / tolerance, error, tolerance)
+    for g, w in zip(got, want):
+        if how == "exact":
+            same = torch.equal(g.nan_to_num(7.0), w.nan_to_num(7.0)) if g.is_floating_point() and \
+                g.dtype != torch.float8_e4m3fn else torch.equal(g, w)
+            err, tol = (0.0 if same else math.inf), 0.0
+        else:
+            err, tol = rel_err(g, w), REL_TOL.get(g.dtype, 1e-5)
+        err = math.inf if math.isnan(err) else err
+        ratio = 0.0 if err == 0 else (math.inf if tol == 0 else err / tol)
+        if ratio >= worst[0]:
+            worst = (ratio, err, tol)
+    return worst[0] <= 1.0, worst[1], worst[2]
+
+
+def _graph_check(run, x, refresh, name, dev):
+    """Capture `run` in a CUDA graph, replay it on new input values, compare with the reference."""
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side), qk.use_backend(name):
+        for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks its algorithms, outside capture
+            run(x)
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), qk.use_backend(name):
+        static_out = run(x)
+    refresh(x)
+    graph.replay()
+    torch.cuda.synchronize(dev)
+    with qk.use_backend("reference"):
+        want = run(x)
+    return [o.clone() for o in static_out], want
+
+
+def run_cases(device: torch.device, *, small: bool, backends, graphs: bool, log=print) -> list[dict]:
+    rows = []
+    for case, (op, make, run, how, refresh) in CASES.items():
+        for name in backends:
+            row = dict(case=case, backend=name, device=str(device))
+            torch.manual_seed(len(rows) + 1)
+            try:
+                x = make(device, small)
+                limit = qk.backend.DEVICE_LIMITS[op](device) if op in qk.backend.DEVICE_LIMITS else None
+                why = qk.backend.unavailable_reason(name, op, device, limit)
+                if why:
+                    row.update(status="skipped", why=why)
+                    rows.append(row)
+                    log(f"skip  {case:32s} {name:9s} {why[:90]}")
+                    continue
+                with qk.use_backend("reference"):
+                    want = run(x)
+                poison_allocator(device, 4 * sum(w.numel() * w.element_size() for w in want))
+                t0 = time.perf_counter()
+                with qk.use_backend(name):
+                    got = run(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                row["ms_first_call"] = (time.perf_counter() - t0) * 1e3
+                ok, err, tol = _compare(got, want, how, device)
+                row.update(status="ok" if ok else "FAIL", compare=how, error=err, tol=tol)
+                if ok and graphs and device.type == "cuda":
+                    g_got, g_want = _graph_check(run, x, refresh, name, device)
+                    g_ok, g_err, _ = _compare(g_got, g_want, how, device)
+                    row.update(graph="ok" if g_ok else "FAIL", graph_error=g_err)
+                    if not g_ok:
+                        row["status"] = "FAIL"
+            except Exception as e:  # a crash is a result of the smoke pass, not the end of it
+                row.update(status="FAIL", error_text=f"{type(e).__name__}: {e}"[:400],
+                           traceback=traceback.format_exc()[-1500:])
+            rows.append(row)
+            log(f"{row['status']:5s} {case:32s} {name:9s} err={row.get('error', '-')!s:12.12s} "
+                f"tol={row.get('tol', '-')!s:8.8s} graph={row.get('graph', '-')} {row.get('error_text', '')[:120]}")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None)
+    p.add_argument("--small", action="store_true", help="tiny shapes (always on the CPU; for the sanitizer)")
+    p.add_argument("--backend", action="append", choices=("cuda", "triton"), help="repeatable; default both")
+    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph capture and replay")
+    a = p.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = run_cases(dev, small=a.small or dev.type == "cpu", backends=a.backend or ("cuda", "triton"),
+                     graphs=not a.no_graphs)
+    failed = [r for r in rows if r["status"] == "FAIL"]
+    print(f"smoke: {sum(r['status'] == 'ok' for r in rows)} ok, {len(failed)} failed, "
+          f"{sum(r['status'] == 'skipped' for r in rows)} skipped")
+    if a.json:
+        tmp = a.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+        os.replace(tmp, a.json)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

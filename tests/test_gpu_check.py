@@ -1,0 +1,90 @@
+"""The GPU check (bench/gpu_check.py) and its smoke pass, on the CPU: the dry run goes through every
+step and leaves a summary and valid JSON; a step that does not fit the budget is not started; the
+smoke pass fails a kernel that gives wrong values or leaves outputs unwritten."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import smoke  # noqa: E402
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + sys.path)}
+
+
+def _run(out, *args, timeout=900):
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), str(out), "--dry-run", *args],
+                          capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_dry_run_goes_through_every_step(tmp_path):
+    proc = _run(tmp_path, "--budget", "600")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    status = {step: [r["status"] for r in recs] for step, recs in report["steps"].items()}
+    assert status["info"] == ["ok"] and status["smoke"] == ["ok"] and status["pytest"] == ["ok"]
+    assert status["bench"][0] == "ok" and status["sanitizer"] == ["skipped"]
+    assert status["build"] in (["ok"], ["skipped"])
+    assert report["environment"]["torch"] == torch.__version__ and "finished" in report
+    rows = report["smoke"]
+    assert {r["case"] for r in rows} == set(smoke.CASES)
+    assert all(r["status"] == "ok" for r in rows if r["backend"] == "triton")
+    assert report["pytest"]["counts"]["failed"] == 0 and report["pytest"]["counts"]["error"] == 0
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["ops"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary in proc.stdout and "| smoke | ok |" in summary
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"gpu_check.json", "summary.md", "bench.json", "steps.log", "pytest.log", "bench.log"} <= names
+    assert len(names) <= 8  # what a device run can bring back
+
+
+def test_steps_that_do_not_fit_are_not_started(tmp_path):
+    proc = _run(tmp_path, "--budget", "25", timeout=300)
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["steps"]["bench"][0]["status"] == "not started"
+    assert report["steps"]["pytest"][0]["status"] == "not started"
+    assert "not started" in (tmp_path / "summary.md").read_text()
+    assert proc.returncode == 0  # nothing failed; what did not run is said, not hidden
+
+
+def test_no_gpu_without_dry_run_says_so(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), str(tmp_path)],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 2 and "--dry-run" in proc.stderr
+
+
+@pytest.mark.triton
+def test_smoke_fails_a_wrong_kernel(monkeypatch):
+    from quickllm_kernels.triton import rope as tri
+
+    good = tri.apply_rope
+
+    def one_token_wrong(q, k, *a):  # a kernel that skips one token of q
+        q_out, k_out = good(q, k, *a)
+        q_out[3] = q[3]
+        return q_out, k_out
+
+    monkeypatch.setattr(tri, "apply_rope", one_token_wrong)
+    rows = smoke.run_cases(torch.device("cpu"), small=True, backends=("triton",), graphs=False, log=lambda *_: None)
+    by_case = {r["case"]: r for r in rows}
+    assert by_case["apply_rope"]["status"] == "FAIL"
+    assert by_case["act_quant fp32"]["status"] == "ok"
+
+
+def test_smoke_compare_catches_nan_and_bits():
+    want = (torch.ones(4),)
+    ok, err, _ = smoke._compare((torch.tensor([1.0, float("nan"), 1.0, 1.0]),), want, "rel", torch.device("cpu"))
+    assert not ok
+    ok, _, _ = smoke._compare((torch.tensor([1.0, 1.0, 1.0, 1.0 + 2 ** -20]),), want, "exact", torch.device("cpu"))
+    assert not ok
+    ok, _, _ = smoke._compare((torch.ones(4),), want, "exact", torch.device("cpu"))
+    assert ok
