@@ -29,6 +29,7 @@ import math
 import torch
 
 import quickllm_kernels as qk
+from quickllm_kernels._op import OPS
 from common import Case, compiled
 from quickllm_kernels.reference import fp8 as ref
 
@@ -50,8 +51,7 @@ BLOCKWISE = "torch scaled_mm blockwise"
 def _ours(op, name, device, call):
     """quickllm on one backend: make(*inputs) -> fn(), or why that backend cannot run here."""
     device = torch.device(device)
-    limit = qk.backend.DEVICE_LIMITS.get(op, lambda d: None)(device)
-    why = qk.backend.unavailable_reason(name, op, device, limit)
+    why = OPS[op].unavailable(name, device)
     if why:
         return why
 

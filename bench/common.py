@@ -70,6 +70,18 @@ class Case:
     extra: dict = dataclasses.field(default_factory=dict)  # fields copied into every row
 
 
+def bench_modules() -> dict:
+    """Op family -> its benchmark module (bench/bench_<family>.py), for every family that declares
+    ops (quickllm_kernels._op.OPS): a family without one fails here, not silently."""
+    import importlib
+
+    from quickllm_kernels._op import OPS
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    return {family: importlib.import_module(f"bench_{family}")
+            for family in dict.fromkeys(op.family for op in OPS.values())}
+
+
 class CompileFailed(RuntimeError):
     pass
 

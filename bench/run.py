@@ -49,7 +49,7 @@ def _on_signal(signum, frame):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--op", action="append", choices=["rope", "logprobs", "fp8"], help="op family (repeatable)")
+    p.add_argument("--op", action="append", metavar="FAMILY", help="op family: rope, logprobs, fp8, ... (repeatable)")
     p.add_argument("--case", action="append", default=[], metavar="SUBSTR",
                    help="only cases whose name contains SUBSTR (repeatable)")
     p.add_argument("--provider", action="append", default=[], metavar="SUBSTR",
@@ -68,12 +68,12 @@ def main(argv=None):
     if device.type == "cpu" and a.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_fp8
-    import bench_logprobs
-    import bench_rope
-    from common import Bench, DeviceBroken, markdown_table
+    from common import Bench, DeviceBroken, bench_modules, markdown_table
 
-    families = {"rope": bench_rope, "logprobs": bench_logprobs, "fp8": bench_fp8}
+    families = bench_modules()
+    unknown = set(a.op or ()) - set(families)
+    if unknown:
+        p.error(f"--op: no op family {sorted(unknown)}; families: {', '.join(families)}")
     timing = dict(warmup_ms=1.0, rep_ms=10.0, min_reps=3, max_reps=20) if a.smoke else {}
     timing.update({k: v for k, v in (("warmup_ms", a.warmup_ms), ("rep_ms", a.rep_ms)) if v is not None})
     bench = Bench(device, json_path=a.json, smoke=a.smoke, deadline_s=a.deadline, graphs=not a.no_graphs,

@@ -26,6 +26,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
 import quickllm_kernels as qk  # noqa: E402
+from quickllm_kernels._op import OPS  # noqa: E402
 from quickllm_kernels.reference import fp8 as ref_fp8  # noqa: E402
 
 # Relative error ||got - want|| / ||want|| allowed per output dtype. Kernels compute in float32 and
@@ -224,8 +225,7 @@ def run_cases(device: torch.device, *, small: bool, backends, graphs: bool, log=
             torch.manual_seed(len(rows) + 1)
             try:
                 x = make(device, small)
-                limit = qk.backend.DEVICE_LIMITS[op](device) if op in qk.backend.DEVICE_LIMITS else None
-                why = qk.backend.unavailable_reason(name, op, device, limit)
+                why = OPS[op].unavailable(name, device)
                 if why:
                     row.update(status="skipped", why=why)
                     rows.append(row)

@@ -20,10 +20,7 @@ import time
 import pytest
 import torch
 
-import bench_fp8
-import bench_logprobs
-import bench_rope
-from common import CompileFailed, rel_err
+from common import CompileFailed, bench_modules, rel_err
 from quickllm_kernels.backend import BackendUnavailable
 from quickllm_kernels.timing import flush_l2
 
@@ -32,7 +29,7 @@ pytest.importorskip("pytest_benchmark")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CUDA = DEVICE.type == "cuda"
 SMOKE = not CUDA or os.environ.get("QUICKLLM_BENCH_SMOKE") == "1"
-CASES = [c for mod in (bench_rope, bench_logprobs, bench_fp8) for c in mod.cases(DEVICE, smoke=SMOKE)]
+CASES = [c for mod in bench_modules().values() for c in mod.cases(DEVICE, smoke=SMOKE)]
 PARAMS = [pytest.param(c, p, id=f"{c.op}-{c.name}-{p}") for c in CASES for p in c.providers]
 
 

@@ -31,12 +31,6 @@ _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("quickllm
 _last: dict[str, str] = {}
 
 
-# Per-op hooks for info(): op -> fn(device) giving the op's kernel_limit for any call on that device
-# (e.g. no FP8 tensor cores), and op -> fn(device) giving its own auto order there (or None).
-DEVICE_LIMITS: dict = {}
-AUTO_ORDERS: dict = {}
-
-
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run this call."""
 
@@ -119,23 +113,32 @@ def unavailable_reason(backend: str, op: str, device: torch.device, kernel_limit
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def select(op: str, device: torch.device, kernel_limit: str | None = None,
-           limits: dict[str, str | None] | None = None, order: tuple[str, ...] | None = None) -> str:
-    """The backend that runs this call of `op` on `device` (and record it for info()).
-    order: the op's own auto order on a GPU, where its kernels' strengths differ from the default."""
+def choose(op: str, device: torch.device, kernel_limit: str | None = None,
+           limits: dict[str, str | None] | None = None, order: tuple[str, ...] | None = None, *,
+           build: bool = True) -> str:
+    """The backend that would run this call of `op` on `device`; BackendUnavailable if an explicit
+    request cannot run. order: the op's own auto order on a GPU, where its kernels' strengths differ
+    from the default. build: see unavailable_reason."""
     want = requested_backend()
     if want == "auto":
         candidates = (order or ("cuda", "triton", "reference")) if device.type == "cuda" else ("reference",)
         for name in candidates:
-            if unavailable_reason(name, op, device, kernel_limit, limits) is None:
-                _last[op] = name
+            if unavailable_reason(name, op, device, kernel_limit, limits, build=build) is None:
                 return name
         raise AssertionError("the reference backend is always available")
-    why = unavailable_reason(want, op, device, kernel_limit, limits)
+    why = unavailable_reason(want, op, device, kernel_limit, limits, build=build)
     if why is not None:
         raise BackendUnavailable(f"{op}: backend {want!r} was requested but cannot run: {why}")
-    _last[op] = want
     return want
+
+
+def select(op: str, device: torch.device, kernel_limit: str | None = None,
+           limits: dict[str, str | None] | None = None, order: tuple[str, ...] | None = None) -> str:
+    """choose(), for a call that runs now: recorded for last_backends() and info()."""
+    name = choose(op, device, kernel_limit, limits, order)
+    if _last.get(op) != name:
+        _last[op] = name
+    return name
 
 
 def last_backends() -> dict[str, str]:

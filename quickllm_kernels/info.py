@@ -14,9 +14,10 @@ def _device() -> torch.device:
 
 
 def info() -> dict:
-    """A dict of versions, the CUDA extension's load status, the device, and per op: the backend a call
-    would use now on this device, why each other backend cannot run, and the backend its last call ran."""
-    from .ops import OPS
+    """A dict of versions, the CUDA kernels' load status, the device, and per op: the backend a call
+    would use now on this device, why each other backend cannot run, and the backend its last call ran.
+    Never compiles anything: CUDA kernels not built yet are reported as such."""
+    from ._op import OPS
 
     dev = _device()
     ok, triton_why = backend.triton_status()
@@ -30,38 +31,25 @@ def info() -> dict:
         "device": (f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"
                    if dev.type == "cuda" else "cpu (no CUDA device)"),
         "requested_backend": backend.requested_backend(),
-        "env": {k: os.environ[k] for k in ("QUICKLLM_BACKEND", "QUICKLLM_BUILD_CUDA", "QUICKLLM_SYNC_CHECKS",
-                                           "TRITON_INTERPRET") if k in os.environ},
+        "env": {k: os.environ[k] for k in ("QUICKLLM_BACKEND", "QUICKLLM_BUILD_CUDA", "QUICKLLM_CUDA_ARCHS",
+                                           "QUICKLLM_CACHE_DIR", "QUICKLLM_SYNC_CHECKS", "TRITON_INTERPRET")
+                if k in os.environ},
         "ops": {},
     }
     last = backend.last_backends()
-    for op in OPS:
-        limit = backend.DEVICE_LIMITS[op](dev) if op in backend.DEVICE_LIMITS else None
-        unavailable = {b: backend.unavailable_reason(b, op, dev, limit, build=False) for b in backend.BACKENDS}
+    for name, op in OPS.items():
+        unavailable = {b: op.unavailable(b, dev, build=False) for b in backend.BACKENDS}
         try:
-            with_choice = _would_use(op, dev, limit)
+            would = op.would_use(dev)
         except backend.BackendUnavailable as e:
-            with_choice = f"error: {e}"
-        report["ops"][op] = {
-            "would_use": with_choice,
+            would = f"error: {e}"
+        report["ops"][name] = {
+            "family": op.family,
+            "would_use": would,
             "unavailable": {b: why for b, why in unavailable.items() if why},
-            "last_ran": last.get(op),
+            "last_ran": last.get(name),
         }
     return report
-
-
-def _would_use(op, dev, limit=None):
-    want = backend.requested_backend()
-    if want != "auto":
-        why = backend.unavailable_reason(want, op, dev, limit, build=False)
-        if why:
-            raise backend.BackendUnavailable(f"{want!r} requested: {why}")
-        return want
-    order = backend.AUTO_ORDERS[op](dev) if op in backend.AUTO_ORDERS else None
-    for name in ((order or ("cuda", "triton", "reference")) if dev.type == "cuda" else ("reference",)):
-        if backend.unavailable_reason(name, op, dev, limit, build=False) is None:
-            return name
-    return "reference"
 
 
 def format_info(report: dict | None = None) -> str:

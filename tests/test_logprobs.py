@@ -521,3 +521,13 @@ def test_gpu_linear_extra_memory_is_one_chunk_of_logits_and_its_gradient(backend
     assert chunk <= extra <= 2 * chunk + (64 << 20), \
         f"workspace {extra / 2**20:.0f} MiB, want <= {(2 * chunk + (64 << 20)) / 2**20:.0f} MiB"
     assert _all_finite(lp) and _all_finite(hidden.grad) and _all_finite(weight.grad)
+
+
+def test_linear_zero_rows():
+    """N = 0 is a valid batch: empty outputs and gradients of the right shapes, no reshape errors."""
+    hidden = torch.randn(0, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    lp, ent = qk.linear_token_logprobs(hidden, weight, torch.zeros(0, dtype=torch.int64), return_entropy=True)
+    assert lp.shape == ent.shape == (0,)
+    (lp.sum() + ent.sum()).backward()
+    assert hidden.grad.shape == (0, 8) and torch.equal(weight.grad, torch.zeros(11, 8))

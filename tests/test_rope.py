@@ -536,7 +536,8 @@ def test_float64_runs_on_reference_only():
 def test_info_and_cli():
     r = qk.info()
     assert r["torch"] == torch.__version__
-    assert set(r["ops"]["apply_rope"]) == {"would_use", "unavailable", "last_ran"}
+    assert set(r["ops"]["apply_rope"]) == {"family", "would_use", "unavailable", "last_ran"}
+    assert set(r["ops"]) == set(_library.SCHEMAS)  # every op, derived from the declarations
     assert r["cuda_extension"] == _library.CUDA_EXT_STATUS
     out = subprocess.run([sys.executable, "-m", "quickllm_kernels", "info"], capture_output=True, text=True,
                          check=True).stdout

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .. import _library, backend
+from .._op import Impl, Op, define
 from ..reference import fp8 as ref
 
 __all__ = ["weight_dequant", "act_quant", "fp8_block_gemm", "FP8", "FP8_MAX", "fp8_gemm_supported"]
@@ -84,21 +84,21 @@ def _dequant_check(w, scale_inv, block_m, block_n, out_dtype):
     _check_scale("weight_dequant", "scale_inv", scale_inv, (math.ceil(m / block_m), math.ceil(n / block_n)), w.device)
 
 
-def _dequant_impl(w, scale_inv, block_m, block_n, out_dtype):
-    _dequant_check(w, scale_inv, block_m, block_n, out_dtype)
-    name = backend.select("weight_dequant", w.device, _float64_limit(out_dtype))
-    w = _unit_last(w)
-    if name == "reference":
-        return ref.weight_dequant(w, scale_inv, (block_m, block_n), out_dtype)
-    if name == "cuda":
-        return _library.cuda_kernel("weight_dequant")(w, scale_inv, block_m, block_n, out_dtype)
+def _dequant_triton(w, scale_inv, block_m, block_n, out_dtype):
     from ..triton import fp8 as tri
-    return tri.weight_dequant(w, scale_inv, (block_m, block_n), out_dtype)
+    return tri.weight_dequant(_unit_last(w), scale_inv, (block_m, block_n), out_dtype)
 
 
 def _dequant_fake(w, scale_inv, block_m, block_n, out_dtype):
-    _dequant_check(w, scale_inv, block_m, block_n, out_dtype)
     return w.new_empty(w.shape, dtype=out_dtype)
+
+
+define(Op(
+    name="weight_dequant", family="fp8", check=_dequant_check, fake=_dequant_fake,
+    reference=lambda w, s, bm, bn, out_dtype: ref.weight_dequant(_unit_last(w), s, (bm, bn), out_dtype),
+    triton=Impl(_dequant_triton),
+    cuda=Impl(lambda kernel, w, s, bm, bn, out_dtype: kernel(_unit_last(w), s, bm, bn, out_dtype)),
+    kernel_limit=lambda w, s, bm, bn, out_dtype: _float64_limit(out_dtype)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,13 +120,7 @@ def _act_shapes(x, group):
     return x.shape, (*x.shape[:-1], math.ceil(x.shape[-1] / group))
 
 
-def _act_impl(x, group, ue8m0):
-    _act_check(x, group)
-    name = backend.select("act_quant", x.device, _float64_limit(x.dtype))
-    if name == "reference":
-        return ref.act_quant(x, group, ue8m0)
-    if name == "cuda":
-        return _library.cuda_kernel("act_quant")(x, group, ue8m0)
+def _act_triton(x, group, ue8m0):
     from ..triton import fp8 as tri
     x2 = _unit_last(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if x.dim() != 2 else x)
     q, s = tri.act_quant(x2, group, ue8m0)
@@ -135,9 +129,14 @@ def _act_impl(x, group, ue8m0):
 
 
 def _act_fake(x, group, ue8m0):
-    _act_check(x, group)
     q_shape, s_shape = _act_shapes(x, group)
     return x.new_empty(q_shape, dtype=FP8), x.new_empty(s_shape, dtype=torch.float32)
+
+
+define(Op(
+    name="act_quant", family="fp8", check=lambda x, group, ue8m0: _act_check(x, group), fake=_act_fake,
+    reference=ref.act_quant, triton=Impl(_act_triton), cuda=Impl(lambda kernel, *args: kernel(*args)),
+    kernel_limit=lambda x, group, ue8m0: _float64_limit(x.dtype)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,20 +175,16 @@ def _device_limit(device):
 _CUDA_GEMM_MAX_N = 65535 * 64
 
 
-def _gemm_limits(a, b, out_dtype):
-    """(limit of both kernels, per-backend limits) for this call."""
-    if out_dtype == torch.float64:
-        return "float64 output", None
-    if _device_limit(a.device):
-        return _device_limit(a.device), None
+def _gemm_cuda_supports(a, a_scales, b, b_scales, out_dtype):
+    """Why the CUDA GEMM cannot take this call: its 16-byte loads and its grid."""
+    a, b = _unit_last(a), _unit_last(b)
     k = a.shape[1]
-    cuda = None
     if k % 16 or not (_aligned(a) and _aligned(b)):
-        cuda = (f"K = {k} or row strides that are not multiples of 16 bytes (its 16-byte loads need K % 16 == 0 "
+        return (f"K = {k} or row strides that are not multiples of 16 bytes (its 16-byte loads need K % 16 == 0 "
                 f"and 16-byte aligned rows)")
-    elif b.shape[0] > _CUDA_GEMM_MAX_N:
-        cuda = f"N > {_CUDA_GEMM_MAX_N} (one launch has at most 65535 column tiles of 64)"
-    return None, {"cuda": cuda}
+    if b.shape[0] > _CUDA_GEMM_MAX_N:
+        return f"N > {_CUDA_GEMM_MAX_N} (one launch has at most 65535 column tiles of 64)"
+    return None
 
 
 def _gemm_order(device):
@@ -203,33 +198,23 @@ def _gemm_order(device):
     return None
 
 
-def _gemm_impl(a, a_scales, b, b_scales, out_dtype):
-    _gemm_check(a, a_scales, b, b_scales, out_dtype)
-    a, b = _unit_last(a), _unit_last(b)
-    limit, limits = _gemm_limits(a, b, out_dtype)
-    name = backend.select("fp8_block_gemm", a.device, limit, limits, _gemm_order(a.device))
-    if name == "reference":
-        return ref.fp8_block_gemm(a, a_scales, b, b_scales, out_dtype)
-    if name == "cuda":
-        return _library.cuda_kernel("fp8_block_gemm")(a, a_scales, b, b_scales, out_dtype)
+def _gemm_triton(a, a_scales, b, b_scales, out_dtype):
     from ..triton import fp8 as tri
-    return tri.fp8_block_gemm(a, a_scales, b, b_scales, out_dtype)
+    return tri.fp8_block_gemm(_unit_last(a), a_scales, _unit_last(b), b_scales, out_dtype)
 
 
 def _gemm_fake(a, a_scales, b, b_scales, out_dtype):
-    _gemm_check(a, a_scales, b, b_scales, out_dtype)
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
 
-backend.DEVICE_LIMITS["fp8_block_gemm"] = _device_limit
-backend.AUTO_ORDERS["fp8_block_gemm"] = _gemm_order
-
-_LIB = _library.LIB
-for _name, _impl, _fake in (("weight_dequant", _dequant_impl, _dequant_fake), ("act_quant", _act_impl, _act_fake),
-                            ("fp8_block_gemm", _gemm_impl, _gemm_fake)):
-    torch.library.impl(f"quickllm::{_name}", ("CPU", "CUDA"), _impl, lib=_LIB)
-    torch.library.register_fake(f"quickllm::{_name}", _fake, lib=_LIB)
-    _library.register_twin_fake(_name, _fake)
+define(Op(
+    name="fp8_block_gemm", family="fp8", check=_gemm_check, fake=_gemm_fake,
+    reference=lambda a, sa, b, sb, out_dtype: ref.fp8_block_gemm(_unit_last(a), sa, _unit_last(b), sb, out_dtype),
+    triton=Impl(_gemm_triton),
+    cuda=Impl(lambda kernel, a, sa, b, sb, out_dtype: kernel(_unit_last(a), sa, _unit_last(b), sb, out_dtype),
+              supports=_gemm_cuda_supports),
+    kernel_limit=lambda a, sa, b, sb, out_dtype: "float64 output" if out_dtype == torch.float64 else None,
+    device_limit=_device_limit, auto_order=_gemm_order))
 
 
 # --------------------------------------------------------------------------------------------

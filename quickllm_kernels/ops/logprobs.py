@@ -7,23 +7,30 @@ Ops: torch.ops.quickllm.token_logprobs and token_logprobs_backward. Backends: cu
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from .. import _library, backend
+from .._op import Impl, Op, define
 from ..reference import logprobs as ref
 
 __all__ = ["token_logprobs", "linear_token_logprobs"]
 
-_OP = "token_logprobs"
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _check(logits, token_ids, temperature):
-    if not logits.is_floating_point() or logits.dtype not in _FLOAT:
-        raise TypeError(f"token_logprobs: logits must be float32, float16 or bfloat16 (float64 on the "
-                        f"reference backend), got {logits.dtype}")
+def _check_dtype(op, name, dtype):
+    if dtype not in _FLOAT:
+        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16 (float64 on the reference backend), "
+                        f"got {dtype}")
+
+
+def _check_temperature(op, temperature):
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"{op}: temperature must be a positive finite number, got {temperature}")
+
+
+def _check(logits, token_ids, temperature, *_):
+    _check_dtype("token_logprobs", "logits", logits.dtype)
     if logits.dim() < 2:
         raise ValueError(f"token_logprobs: logits must be [..., V] with at least one leading dim, "
                          f"got shape {tuple(logits.shape)}")
@@ -37,20 +44,16 @@ def _check(logits, token_ids, temperature):
     if token_ids.device != logits.device:
         raise ValueError(f"token_logprobs: token_ids must be on logits' device ({logits.device}), "
                          f"got {token_ids.device}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"token_logprobs: temperature must be a positive finite number, got {temperature}")
+    _check_temperature("token_logprobs", temperature)
 
 
-def _check_ids(token_ids, vocab, ignore_index):
-    """Value check of the ids: always on the CPU, on a GPU only with QUICKLLM_SYNC_CHECKS=1 (it syncs).
-    Without it, an id outside [0, V) gives a NaN log-prob for its row (the kernels never read outside)."""
+def _check_ids(logits, token_ids, temperature, ignore_index):
+    """Value check of the ids (a sync check: always on the CPU, on a GPU only with
+    QUICKLLM_SYNC_CHECKS=1). Without it, an id outside [0, V) gives a NaN log-prob for its row (the
+    kernels never read outside)."""
+    vocab = logits.shape[-1]
     if token_ids.numel() == 0:
         return
-    if token_ids.device.type != "cpu":
-        if os.environ.get("QUICKLLM_SYNC_CHECKS", "0") != "1":
-            return
-        if token_ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return
     bad = (token_ids != ignore_index) & ((token_ids < 0) | (token_ids >= vocab))
     if bool(bad.any()):
         first = int(token_ids[bad].flatten()[0])
@@ -69,33 +72,18 @@ def _as_3d(logits):
     return logits
 
 
-def _kernel_limit(logits):
+def _kernel_limit(logits, *_):
     return "float64 inputs" if logits.dtype == torch.float64 else None
 
 
-def _fwd_impl(logits, token_ids, temperature, ignore_index):
-    _check(logits, token_ids, temperature)
-    _check_ids(token_ids, logits.shape[-1], ignore_index)
-    name = backend.select(_OP, logits.device, _kernel_limit(logits))
-    if name == "reference":
-        return ref.token_logprobs(logits, token_ids, temperature, ignore_index)
-    if name == "cuda":  # takes [..., V] as is (it views it as [B, S, V] itself)
-        return _library.cuda_kernel("token_logprobs")(logits, token_ids, temperature, ignore_index)
+def _fwd_triton(logits, token_ids, temperature, ignore_index):
     from ..triton import logprobs as tri
     lead = logits.shape[:-1]
     outs = tri.token_logprobs(_as_3d(logits), token_ids.reshape(-1).contiguous(), temperature, ignore_index)
     return tuple(o.view(lead) for o in outs)
 
 
-def _bwd_impl(grad_logprobs, grad_entropy, logits, token_ids, lse, entropy, temperature, ignore_index):
-    _check(logits, token_ids, temperature)
-    name = backend.select(_OP, logits.device, _kernel_limit(logits))
-    if name == "reference":
-        return ref.token_logprobs_backward(grad_logprobs, grad_entropy, logits, token_ids, lse, entropy,
-                                           temperature, ignore_index)
-    if name == "cuda":
-        return _library.cuda_kernel("token_logprobs_backward")(grad_logprobs, grad_entropy, logits, token_ids, lse,
-                                                               entropy, temperature, ignore_index)
+def _bwd_triton(grad_logprobs, grad_entropy, logits, token_ids, lse, entropy, temperature, ignore_index):
     from ..triton import logprobs as tri
     flat = lambda t: t.reshape(-1).contiguous().float()  # noqa: E731
     grad = tri.token_logprobs_backward(flat(grad_logprobs), flat(grad_entropy), _as_3d(logits),
@@ -105,14 +93,12 @@ def _bwd_impl(grad_logprobs, grad_entropy, logits, token_ids, lse, entropy, temp
 
 
 def _fwd_fake(logits, token_ids, temperature, ignore_index):
-    _check(logits, token_ids, temperature)
     lead = logits.shape[:-1]
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return tuple(logits.new_empty(lead, dtype=out_dtype) for _ in range(3))
 
 
-def _bwd_fake(grad_logprobs, grad_entropy, logits, token_ids, lse, entropy, temperature, ignore_index):
-    _check(logits, token_ids, temperature)
+def _bwd_fake(grad_logprobs, grad_entropy, logits, token_ids, *_):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -133,14 +119,14 @@ def _backward(ctx, g_lp, g_ent, _g_lse):
     return grad, None, None, None
 
 
-_LIB = _library.LIB
-torch.library.impl("quickllm::token_logprobs", ("CPU", "CUDA"), _fwd_impl, lib=_LIB)
-torch.library.impl("quickllm::token_logprobs_backward", ("CPU", "CUDA"), _bwd_impl, lib=_LIB)
-torch.library.register_fake("quickllm::token_logprobs", _fwd_fake, lib=_LIB)
-torch.library.register_fake("quickllm::token_logprobs_backward", _bwd_fake, lib=_LIB)
-torch.library.register_autograd("quickllm::token_logprobs", _backward, setup_context=_setup_context, lib=_LIB)
-_library.register_twin_fake("token_logprobs", _fwd_fake)
-_library.register_twin_fake("token_logprobs_backward", _bwd_fake)
+define(Op(name="token_logprobs", family="logprobs", check=_check, sync_check=_check_ids, fake=_fwd_fake,
+          reference=ref.token_logprobs, triton=Impl(_fwd_triton), cuda=Impl(lambda kernel, *args: kernel(*args)),
+          kernel_limit=_kernel_limit, backward=_backward, setup_context=_setup_context))
+define(Op(name="token_logprobs_backward", family="logprobs",
+          check=lambda g_lp, g_ent, logits, ids, lse, ent, temperature, ignore: _check(logits, ids, temperature),
+          fake=_bwd_fake, reference=ref.token_logprobs_backward, triton=Impl(_bwd_triton),
+          cuda=Impl(lambda kernel, *args: kernel(*args)),
+          kernel_limit=lambda g_lp, g_ent, logits, *_: _kernel_limit(logits)))
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0,
@@ -193,7 +179,12 @@ def _lin_check(hidden, weight, bias, token_ids, temperature):
     if tuple(token_ids.shape) != (hidden.shape[0],):
         raise ValueError(f"linear_token_logprobs: token_ids must be [N] = [{hidden.shape[0]}], "
                          f"got {tuple(token_ids.shape)}")
-    _check(hidden.new_empty((1, max(weight.shape[0], 1))), token_ids[:1].view(1), temperature)
+    _check_dtype("linear_token_logprobs", "hidden", hidden.dtype)
+    if weight.shape[0] == 0:
+        raise ValueError("linear_token_logprobs: weight has an empty vocabulary (V = 0)")
+    if token_ids.dtype != torch.int64:
+        raise TypeError(f"linear_token_logprobs: token_ids must be int64, got {token_ids.dtype}")
+    _check_temperature("linear_token_logprobs", temperature)
 
 
 def _chunks(n, chunk_rows):
@@ -202,7 +193,6 @@ def _chunks(n, chunk_rows):
 
 
 def _lin_fwd_impl(hidden, weight, bias, token_ids, temperature, ignore_index, chunk_rows):
-    _lin_check(hidden, weight, bias, token_ids, temperature)
     n = hidden.shape[0]
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     lp, ent, lse = (torch.empty(n, dtype=out_dtype, device=hidden.device) for _ in range(3))
@@ -223,7 +213,6 @@ def _lin_bwd_impl(grad_logprobs, grad_entropy, hidden, weight, bias, token_ids, 
     beta = 1), one rounding per chunk. A float32 accumulator would cost 4 V H bytes more (2 GiB for a
     152k x 3584 lm_head, more than the whole bf16 logits of fewer than 2 H = 7168 rows); with auto
     chunking there are at most 32 chunks. grad_bias ([V] only) is summed in float32."""
-    _lin_check(hidden, weight, bias, token_ids, temperature)
     acc = torch.promote_types(hidden.dtype, torch.float32)
     grad_hidden = torch.empty_like(hidden)
     grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
@@ -244,7 +233,6 @@ def _lin_bwd_impl(grad_logprobs, grad_entropy, hidden, weight, bias, token_ids, 
 
 
 def _lin_fwd_fake(hidden, weight, bias, token_ids, temperature, ignore_index, chunk_rows):
-    _lin_check(hidden, weight, bias, token_ids, temperature)
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return tuple(hidden.new_empty(hidden.shape[:1], dtype=out_dtype) for _ in range(3))
 
@@ -272,12 +260,13 @@ def _lin_backward(ctx, g_lp, g_ent, _g_lse):
     return gh, gw, (gb if bias is not None else None), None, None, None, None
 
 
-torch.library.impl("quickllm::linear_token_logprobs", ("CPU", "CUDA"), _lin_fwd_impl, lib=_LIB)
-torch.library.impl("quickllm::linear_token_logprobs_backward", ("CPU", "CUDA"), _lin_bwd_impl, lib=_LIB)
-torch.library.register_fake("quickllm::linear_token_logprobs", _lin_fwd_fake, lib=_LIB)
-torch.library.register_fake("quickllm::linear_token_logprobs_backward", _lin_bwd_fake, lib=_LIB)
-torch.library.register_autograd("quickllm::linear_token_logprobs", _lin_backward, setup_context=_lin_setup_context,
-                                lib=_LIB)
+define(Op(name="linear_token_logprobs", family="logprobs", composite=True,
+          check=lambda hidden, weight, bias, ids, temperature, *_: _lin_check(hidden, weight, bias, ids, temperature),
+          fake=_lin_fwd_fake, reference=_lin_fwd_impl, backward=_lin_backward, setup_context=_lin_setup_context))
+define(Op(name="linear_token_logprobs_backward", family="logprobs", composite=True,
+          check=lambda g_lp, g_ent, hidden, weight, bias, ids, lse, ent, temperature, *_: _lin_check(
+              hidden, weight, bias, ids, temperature),
+          fake=_lin_bwd_fake, reference=_lin_bwd_impl))
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor, *,

@@ -7,11 +7,10 @@ reference (reference/rope.py).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from .. import _library, backend
+from .._op import Impl, Op, define
 from ..reference import rope as ref
 
 __all__ = ["rope_cache", "rope_inv_freq", "rope_softmax_scale", "apply_rope"]
@@ -204,17 +203,13 @@ def _check(q, k, positions, cos_sin_cache):
             raise ValueError(f"apply_rope: {name} must be on q's device ({q.device}), got {t.device}")
 
 
-def _check_positions(positions, max_positions):
-    """Range check of the position values. Free on the CPU, so always done there. On a GPU it needs a
-    host sync, so it runs only with QUICKLLM_SYNC_CHECKS=1 (never during CUDA graph capture); without
-    it, out-of-range positions give NaN in the rotated dims of their tokens."""
+def _check_positions(q, k, positions, cos_sin_cache, is_neox, inverse):
+    """Range check of the position values (a sync check: always on the CPU, on a GPU only with
+    QUICKLLM_SYNC_CHECKS=1); without it, out-of-range positions give NaN in the rotated dims of
+    their tokens and the kernels never read outside the cache."""
     if positions.numel() == 0:
         return
-    if positions.device.type != "cpu":
-        if os.environ.get("QUICKLLM_SYNC_CHECKS", "0") != "1":
-            return
-        if positions.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return
+    max_positions = cos_sin_cache.shape[0]
     lo, hi = int(positions.min()), int(positions.max())
     if lo < 0 or hi >= max_positions:
         raise IndexError(f"apply_rope: positions must lie in [0, {max_positions}) (cos_sin_cache.shape[0]); "
@@ -225,56 +220,45 @@ def _unit_last_stride(x):
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
-def _kernel_limit(q):
+def _kernel_limit(q, k, positions, cos_sin_cache, is_neox, inverse):
     return "float64 inputs" if q.dtype == torch.float64 else None
 
 
-def _kernels(backend_name):
-    if backend_name == "cuda":
-        return _library.cuda_kernel("apply_rope"), _library.cuda_kernel("apply_rope_")
-    if backend_name == "triton":
+def _kernel_args(q, k, positions, cos_sin_cache, is_neox, inverse):
+    """What the kernels take: unit last strides (any other strides), contiguous positions and table."""
+    return (_unit_last_stride(q), _unit_last_stride(k), positions.contiguous(), cos_sin_cache.contiguous(),
+            is_neox, inverse)
+
+
+def _inplace(functional, inplace):
+    """An in-place kernel call; where q or k has a non-unit last stride (which the kernels cannot
+    write), rotate out of place and copy back."""
+    def run(*args):
+        q, k = args[0], args[1]
+        kargs = _kernel_args(*args)
+        if kargs[0] is q and kargs[1] is k:
+            inplace(*kargs)
+        else:
+            q_out, k_out = functional(*kargs)
+            q.copy_(q_out)
+            k.copy_(k_out)
+    return run
+
+
+def _triton(inplace):
+    def run(*args):
         from ..triton import rope as tri
-        return tri.apply_rope, tri.apply_rope_
-    return ref.apply_rope, ref.apply_rope_
+        return _inplace(tri.apply_rope, tri.apply_rope_)(*args) if inplace else tri.apply_rope(*_kernel_args(*args))
+    return run
 
 
-def _choose(q, k, positions, cos_sin_cache):
-    """Validate (before any launch) and pick the backend: (name, functional kernel, in-place kernel)."""
-    _check(q, k, positions, cos_sin_cache)
-    _check_positions(positions, cos_sin_cache.shape[0])
-    name = backend.select("apply_rope", q.device, _kernel_limit(q))
-    return (name, *_kernels(name))
-
-
-def _apply_rope_impl(q, k, positions, cos_sin_cache, is_neox, inverse):
-    name, fn, _ = _choose(q, k, positions, cos_sin_cache)
-    if name == "reference":
-        return fn(q, k, positions, cos_sin_cache, is_neox, inverse)
-    return fn(_unit_last_stride(q), _unit_last_stride(k), positions.contiguous(), cos_sin_cache.contiguous(),
-              is_neox, inverse)
-
-
-def _apply_rope_inplace_impl(q, k, positions, cos_sin_cache, is_neox, inverse):
-    name, fn, fn_ = _choose(q, k, positions, cos_sin_cache)
-    if name == "reference":
-        return fn_(q, k, positions, cos_sin_cache, is_neox, inverse)
-    positions, cos_sin_cache = positions.contiguous(), cos_sin_cache.contiguous()
-    if _unit_last_stride(q) is q and _unit_last_stride(k) is k:
-        fn_(q, k, positions, cos_sin_cache, is_neox, inverse)
-    else:  # the kernels need a unit last stride: rotate out of place and write back
-        q_out, k_out = fn(_unit_last_stride(q), _unit_last_stride(k), positions, cos_sin_cache, is_neox, inverse)
-        q.copy_(q_out)
-        k.copy_(k_out)
+def _cuda_inplace(kernel, *args):
+    return _inplace(torch.ops.quickllm._cuda_apply_rope.default, kernel)(*args)
 
 
 def _apply_rope_fake(q, k, positions, cos_sin_cache, is_neox, inverse):
-    _check(q, k, positions, cos_sin_cache)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format))
-
-
-def _apply_rope_inplace_fake(q, k, positions, cos_sin_cache, is_neox, inverse):
-    _check(q, k, positions, cos_sin_cache)
 
 
 def _setup_context(ctx, inputs, output):
@@ -291,14 +275,13 @@ def _backward(ctx, grad_q, grad_k):
     return gq, gk, None, None, None, None
 
 
-_LIB = _library.LIB
-torch.library.impl("quickllm::apply_rope", ("CPU", "CUDA"), _apply_rope_impl, lib=_LIB)
-torch.library.impl("quickllm::apply_rope_", ("CPU", "CUDA"), _apply_rope_inplace_impl, lib=_LIB)
-torch.library.register_fake("quickllm::apply_rope", _apply_rope_fake, lib=_LIB)
-torch.library.register_fake("quickllm::apply_rope_", _apply_rope_inplace_fake, lib=_LIB)
-torch.library.register_autograd("quickllm::apply_rope", _backward, setup_context=_setup_context, lib=_LIB)
-_library.register_twin_fake("apply_rope", _apply_rope_fake)
-_library.register_twin_fake("apply_rope_", _apply_rope_inplace_fake)
+_COMMON = dict(family="rope", check=lambda q, k, positions, cache, *flags: _check(q, k, positions, cache),
+               sync_check=_check_positions, kernel_limit=_kernel_limit)
+define(Op(name="apply_rope", fake=_apply_rope_fake, reference=ref.apply_rope, triton=Impl(_triton(False)),
+          cuda=Impl(lambda kernel, *args: kernel(*_kernel_args(*args))),
+          backward=_backward, setup_context=_setup_context, **_COMMON))
+define(Op(name="apply_rope_", fake=lambda *args: None, reference=ref.apply_rope_, triton=Impl(_triton(True)),
+          cuda=Impl(_cuda_inplace), **_COMMON))
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, *,

@@ -1,0 +1,161 @@
+"""One declaration per op, and everything derived from it.
+
+An op is declared once, as an `Op`: its argument checks (which run on real and fake tensors alike),
+its fake kernel, its implementation on each backend with the conditions that backend's kernel puts
+on a call, the value checks that need a host sync, and its autograd formula. `define(op)` registers
+it with torch.library (the CPU/CUDA implementation that checks, chooses a backend and runs it; the
+fake kernel, also for the `_cuda_` twin; autograd) and adds it to `OPS`, from which info(), the
+smoke pass, the benchmarks and the Triton compile test take their op lists.
+
+The schema itself lives in ops/schemas.def, the one source C++ reads too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+import torch
+
+from . import _library, backend
+
+SYNC_CHECKS = "QUICKLLM_SYNC_CHECKS"
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """A backend's implementation. fn(*args) runs the op after its checks; for the cuda backend it is
+    fn(kernel, *args), kernel being the `_cuda_<name>` op. supports(*args): why this kernel cannot
+    take this call (alignment, int32 limits, ...), or None."""
+    fn: Callable
+    supports: Callable | None = None
+
+
+@dataclasses.dataclass
+class Op:
+    """An op of the quickllm library (its schema is ops/schemas.def's entry of the same name).
+
+    check(*args): raises with a message naming the argument; shapes, dtypes and devices only, so it
+        also runs on fake tensors (torch.compile, torch.export) and before any launch.
+    fake(*args): outputs with the right shapes, dtypes and devices (check has run).
+    reference(*args): the PyTorch reference, float32 math (float64 too): the CPU kernel and the oracle.
+    triton, cuda: the kernels, or None.
+    sync_check(*args): checks of tensor values (index ranges). Free on the CPU, so always run there; on
+        a GPU they cost a host sync, so only with QUICKLLM_SYNC_CHECKS=1 and never during CUDA-graph
+        capture. Without them a kernel must stay in bounds and mark bad rows (NaN).
+    kernel_limit(*args): why neither compiled kernel can take this call (float64, say), or None.
+    device_limit(device): why no compiled kernel can run on this device at all, or None (info()).
+    auto_order(device): the op's own order of backends on a GPU, or None for cuda, triton, reference.
+    backward, setup_context: autograd (torch.library.register_autograd), or None.
+    family: the op family (the package module that declares it): benchmarks and docs group by it.
+    composite: the op has no kernels of its own: `reference` is its implementation on every backend
+        (it calls other quickllm ops, which choose theirs), so no backend is chosen for it.
+    """
+    name: str
+    check: Callable
+    fake: Callable
+    reference: Callable
+    triton: Impl | None = None
+    cuda: Impl | None = None
+    sync_check: Callable | None = None
+    kernel_limit: Callable | None = None
+    device_limit: Callable | None = None
+    auto_order: Callable | None = None
+    backward: Callable | None = None
+    setup_context: Callable | None = None
+    family: str = ""
+    composite: bool = False
+
+    @property
+    def schema(self) -> str:
+        return _library.SCHEMAS[self.name]
+
+    def device_of(self, args) -> torch.device:
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                return a.device
+        raise TypeError(f"{self.name}: no tensor argument")
+
+    def limits(self, args, device: torch.device) -> tuple[str | None, dict[str, str | None]]:
+        """(why neither kernel can take this call, {backend: why this kernel cannot}) for these args."""
+        limit = self.kernel_limit(*args) if self.kernel_limit else None
+        if limit is None and self.device_limit is not None:
+            limit = self.device_limit(device)
+        per = {}
+        for name, impl in (("cuda", self.cuda), ("triton", self.triton)):
+            if impl is None:
+                per[name] = "this op (no kernel of its own)"
+            elif impl.supports is not None and limit is None:
+                per[name] = impl.supports(*args)
+        return limit, per
+
+    def unavailable(self, backend_name: str, device: torch.device, *, build: bool = True) -> str | None:
+        """Why `backend_name` cannot run this op on `device` whatever the arguments, or None."""
+        if self.composite:
+            return None
+        limit = self.device_limit(device) if self.device_limit else None
+        per = {b: "this op (no kernel of its own)" for b, impl in (("cuda", self.cuda), ("triton", self.triton))
+               if impl is None}
+        return backend.unavailable_reason(backend_name, self.name, device, limit, per, build=build)
+
+    def would_use(self, device: torch.device) -> str:
+        """The backend auto (or the requested backend) picks for a typical call on `device`; compiles
+        nothing (info())."""
+        if self.composite:
+            return "composite (its inner ops choose)"
+        return backend.choose(self.name, device, self.device_limit(device) if self.device_limit else None,
+                              {b: self.unavailable(b, device, build=False) for b in ("cuda", "triton")},
+                              self.auto_order(device) if self.auto_order else None, build=False)
+
+    def choose(self, args) -> str:
+        """Check the arguments (values too, where that is free or asked for) and pick the backend."""
+        self.check(*args)
+        device = self.device_of(args)
+        if self.sync_check is not None and _sync_checks_wanted(device):
+            self.sync_check(*args)
+        limit, per = self.limits(args, device)
+        order = self.auto_order(device) if self.auto_order else None
+        return backend.select(self.name, device, limit, per, order)
+
+    def run(self, *args):
+        if self.composite:
+            self.check(*args)
+            return self.reference(*args)
+        name = self.choose(args)
+        if name == "reference":
+            return self.reference(*args)
+        if name == "cuda":
+            return self.cuda.fn(_library.cuda_kernel(self.name), *args)
+        return self.triton.fn(*args)
+
+    def fake_run(self, *args):
+        self.check(*args)
+        return self.fake(*args)
+
+
+def _sync_checks_wanted(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return True
+    if os.environ.get(SYNC_CHECKS, "0") != "1":
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+OPS: dict[str, Op] = {}
+
+
+def define(op: Op) -> Op:
+    """Register `op` with torch.library and add it to OPS."""
+    if op.name in OPS:
+        raise ValueError(f"op {op.name} is defined twice")
+    if op.name not in _library.SCHEMAS:
+        raise ValueError(f"op {op.name} has no entry in ops/schemas.def")
+    qualname = f"quickllm::{op.name}"
+    torch.library.impl(qualname, ("CPU", "CUDA"), op.run, lib=_library.LIB)
+    torch.library.register_fake(qualname, op.fake_run, lib=_library.LIB)
+    if op.backward is not None:
+        torch.library.register_autograd(qualname, op.backward, setup_context=op.setup_context, lib=_library.LIB)
+    if op.cuda is not None:
+        _library.register_twin_fake(op.name, op.fake_run)
+    OPS[op.name] = op
+    return op
