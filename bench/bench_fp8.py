@@ -31,7 +31,7 @@ import torch
 import quickllm_kernels as qk
 from quickllm_kernels._op import OPS
 from common import Case, compiled
-from quickllm_kernels.reference import fp8 as ref
+from quickllm_kernels.fp8 import reference as ref
 
 DEQUANT_CASES = {"w1_gate_up_18432x7168": (18432, 7168), "w2_down_7168x18432": (7168, 18432),
                  "kv_a_proj_576x7168": (576, 7168)}

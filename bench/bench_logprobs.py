@@ -20,7 +20,7 @@ import torch
 
 import quickllm_kernels as qk
 from common import Case, compiled
-from quickllm_kernels.reference import logprobs as ref
+from quickllm_kernels.logprobs import reference as ref
 
 TOKEN_CASES = {
     "qwen2.5_vocab_8k_rows": dict(rows=8192, vocab=151936),

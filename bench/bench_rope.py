@@ -16,7 +16,7 @@ import torch
 
 import quickllm_kernels as qk
 from common import Case, compiled
-from quickllm_kernels.reference import rope as ref
+from quickllm_kernels.rope import reference as ref
 
 CASES = {
     # Qwen2-7B prefill: q [T, 28, 128] and k [T, 4, 128] as views of the fused qkv projection.

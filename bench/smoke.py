@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
 
 import quickllm_kernels as qk  # noqa: E402
 from quickllm_kernels._op import OPS  # noqa: E402
-from quickllm_kernels.reference import fp8 as ref_fp8  # noqa: E402
+from quickllm_kernels.fp8 import reference as ref_fp8  # noqa: E402
 
 # Relative error ||got - want|| / ||want|| allowed per output dtype. Kernels compute in float32 and
 # round once to the output dtype: the RMS of that rounding is about 2^-9 relative for bfloat16 (twice
@@ -217,7 +217,27 @@ def _graph_check(run, x, refresh, name, dev):
     return [o.clone() for o in static_out], want
 
 
-def run_cases(device: torch.device, *, small: bool, backends, graphs: bool, log=print) -> list[dict]:
+def _write(path, rows):
+    if path:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+        os.replace(tmp, path)
+
+
+def _device_broken(device) -> str | None:
+    """After an exception: whether the CUDA context still works (an illegal address poisons it)."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+        return None
+    except Exception as e:  # torch.AcceleratorError or RuntimeError, by version
+        return f"{type(e).__name__}: {e}"[:300]
+
+
+def run_cases(device: torch.device, *, small: bool, backends, graphs: bool, log=print, json_path=None) -> list[dict]:
+    """Every case on every backend; rows are written to json_path as they finish."""
     rows = []
     for case, (op, make, run, how, refresh) in CASES.items():
         for name in backends:
@@ -251,7 +271,15 @@ def run_cases(device: torch.device, *, small: bool, backends, graphs: bool, log=
             except Exception as e:  # a crash is a result of the smoke pass, not the end of it
                 row.update(status="FAIL", error_text=f"{type(e).__name__}: {e}"[:400],
                            traceback=traceback.format_exc()[-1500:])
+                broken = _device_broken(device)
+                if broken:  # every later row would fail here, not where the fault is
+                    row["device_broken"] = broken
+                    rows.append(row)
+                    _write(json_path, rows)
+                    log(f"FAIL  {case:32s} {name:9s} broke the CUDA context: {broken}; stopping")
+                    return rows
             rows.append(row)
+            _write(json_path, rows)
             log(f"{row['status']:5s} {case:32s} {name:9s} err={row.get('error', '-')!s:12.12s} "
                 f"tol={row.get('tol', '-')!s:8.8s} graph={row.get('graph', '-')} {row.get('error_text', '')[:120]}")
     return rows
@@ -266,15 +294,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = run_cases(dev, small=a.small or dev.type == "cpu", backends=a.backend or ("cuda", "triton"),
-                     graphs=not a.no_graphs)
+                     graphs=not a.no_graphs, json_path=a.json)
     failed = [r for r in rows if r["status"] == "FAIL"]
     print(f"smoke: {sum(r['status'] == 'ok' for r in rows)} ok, {len(failed)} failed, "
           f"{sum(r['status'] == 'skipped' for r in rows)} skipped")
-    if a.json:
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=1, default=str)
-        os.replace(tmp, a.json)
     return 1 if failed else 0
 
 

@@ -1,4 +1,4 @@
-// The quickllm operator library's CUDA side, from the schemas in quickllm_kernels/ops/schemas.def.
+// The quickllm operator library's CUDA side, from the schemas in quickllm_kernels/schemas.def.
 // Kernels register themselves in their own files with TORCH_LIBRARY_IMPL(quickllm, CUDA, m).
 //
 // Inside the Python package (the ahead-of-time `_C` module or the just-in-time library) the package
@@ -20,7 +20,7 @@ TORCH_LIBRARY_FRAGMENT(quickllm, m) {
 #define QUICKLLM_OP(name, signature) m.def("_cuda_" #name signature);
 #define QUICKLLM_COMPOSITE(name, signature)
 #endif
-#include "quickllm_kernels/ops/schemas.def"
+#include "quickllm_kernels/schemas.def"
 #undef QUICKLLM_OP
 #undef QUICKLLM_COMPOSITE
 }

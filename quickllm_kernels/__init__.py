@@ -6,9 +6,10 @@ from . import _library  # noqa: F401  (loads the CUDA extension or defines the s
 from .backend import BackendUnavailable, last_backends, use_backend
 from .grpo import group_advantages, grpo_loss, grpo_loss_from_hidden
 from .info import info
-from .nn import FP8Linear
-from .ops import (act_quant, apply_rope, fp8_block_gemm, linear_token_logprobs, rope_cache, rope_inv_freq,
-                  rope_softmax_scale, token_logprobs, weight_dequant)
+from .fp8 import act_quant, fp8_block_gemm, weight_dequant
+from .fp8.linear import FP8Linear
+from .logprobs import linear_token_logprobs, token_logprobs
+from .rope import apply_rope, rope_cache, rope_inv_freq, rope_softmax_scale
 
 __version__ = "0.1.0"
 

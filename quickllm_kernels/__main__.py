@@ -22,7 +22,7 @@ from .timing import time_ms
 
 def _rope_workload(device, tokens):
     # Qwen2-7B attention: 28 q heads, 4 kv heads, head_dim 128, q/k/v as views of one projection.
-    from .ops import rope_cache
+    from .rope import rope_cache
 
     hq, hk, d = 28, 4, 128
     gen = torch.Generator().manual_seed(0)
@@ -35,7 +35,7 @@ def _rope_workload(device, tokens):
 
 
 def demo(tokens: int | None = None, reps: int = 10) -> list[dict]:
-    from .ops import apply_rope
+    from .rope import apply_rope
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokens = tokens or (16384 if device.type == "cuda" else 256)
@@ -70,6 +70,9 @@ def _build_cmd(archs, verbose):
     except RuntimeError as e:
         print(e, file=sys.stderr)
         return 1
+    if _library.CUDA_EXT_LOADED:  # the ahead-of-time module defines the same ops: loading both would abort
+        print(f"{path}\n(built and loaded in the build process; this one has {_library.CUDA_EXT_STATUS})")
+        return 0
     torch.ops.load_library(str(path))
     twins = sorted(n for n in _library.SCHEMAS if hasattr(torch.ops.quickllm, f"_cuda_{n}"))
     print(f"{path}\nregisters CUDA kernels for: {', '.join(twins)}")

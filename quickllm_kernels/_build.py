@@ -174,7 +174,7 @@ def jit_plan(arch_list: list[str] | None = None) -> dict:
     sources = [str(root / s) for s in cfg["sources"]]
     nvcc_flags = cfg["nvcc_flags"] + gencode_flags(arch_list)
     digest = hashlib.sha256()
-    for path in sources + [str(root / "csrc" / "build.json"), str(PACKAGE / "ops" / "schemas.def")]:
+    for path in sources + [str(root / "csrc" / "build.json"), str(PACKAGE / "schemas.def")]:
         digest.update(Path(path).name.encode())
         digest.update(Path(path).read_bytes())
     for part in (cfg["cxx_flags"], nvcc_flags, torch.__version__, torch.version.cuda, sys.version_info[:2],
@@ -183,10 +183,13 @@ def jit_plan(arch_list: list[str] | None = None) -> dict:
     tag = "_".join(arch_list) + "-" + digest.hexdigest()[:16]
     name = "quickllm_kernels_cuda"
     directory = cache_dir() / f"torch{torch.__version__.split('+')[0]}-cu{torch.version.cuda}-{tag}"
-    include = list(dict.fromkeys([str(root), str(PACKAGE.parent)])) + cuda_include_dirs()
-    return dict(name=name, sources=sources, archs=arch_list, include=include, cxx_flags=cfg["cxx_flags"],
-                nvcc_flags=nvcc_flags, directory=directory, build_dir=directory / "build",
-                library=directory / f"{name}.so")
+    include = list(dict.fromkeys([str(root), str(PACKAGE.parent)]))
+    # The wheels' CUDA headers are searched after the toolkit's (-isystem, after torch's own), so they
+    # only fill in what the toolkit lacks (cuBLAS, cuSPARSE, ...) and never shadow its runtime headers.
+    wheel_headers = [flag for d in cuda_include_dirs() for flag in ("-isystem", d)]
+    return dict(name=name, sources=sources, archs=arch_list, include=include,
+                cxx_flags=cfg["cxx_flags"] + wheel_headers, nvcc_flags=nvcc_flags + wheel_headers,
+                directory=directory, build_dir=directory / "build", library=directory / f"{name}.so")
 
 
 def jit_build(arch_list: list[str] | None = None, *, verbose: bool = False, log=None) -> Path:
@@ -204,15 +207,19 @@ def jit_build(arch_list: list[str] | None = None, *, verbose: bool = False, log=
         log(f"quickllm_kernels: compiling the CUDA kernels for sm_{', sm_'.join(plan['archs'])} "
             f"(once; cached in {plan['directory']}) ...")
     t0 = time.perf_counter()
-    env = {**os.environ, "CUDA_HOME": cuda_home()}
+    # ninja from this interpreter's environment even when its bin/ is not on PATH
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "CUDA_HOME": cuda_home(), "PATH": path}
     env.setdefault("MAX_JOBS", str(max(1, min(len(plan["sources"]), os.cpu_count() or 1))))
     spec = {k: (str(v) if isinstance(v, Path) else v) for k, v in plan.items()}
     cmd = [sys.executable, str(Path(__file__).resolve()), json.dumps(spec)] + (["--verbose"] if verbose else [])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    (plan["directory"] / "build.log").write_text(proc.stdout + proc.stderr)
+    log_path = plan["directory"] / "build.log"
+    with open(log_path, "w") as log_file:  # streamed: a build stopped from outside still leaves its log
+        proc = subprocess.run(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    output = log_path.read_text(errors="replace")
     built = plan["build_dir"] / plan["library"].name
     if proc.returncode != 0 or not built.is_file():
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        tail = "\n".join(output.strip().splitlines()[-25:])
         raise RuntimeError(f"compiling the CUDA kernels failed (log: {plan['directory'] / 'build.log'}):\n{tail}")
     # Published by an atomic rename, after the child has loaded it: the cache never holds a partial
     # or unloadable library, whatever interrupts a build.

@@ -1,6 +1,6 @@
 """The `quickllm` operator library: the schemas, and the CUDA kernels loaded when they are wanted.
 
-Every schema lives in ops/schemas.def and is defined here, on every install. The CUDA kernels come as
+Every schema lives in schemas.def and is defined here, on every install. The CUDA kernels come as
 a library that adds `_cuda_<name>` ops (csrc/ops.cpp):
   - the ahead-of-time module `quickllm_kernels._C` (setup.py), loaded at import when it was built;
   - otherwise the just-in-time build (_build.py), compiled for the local GPU the first time a CUDA
@@ -26,10 +26,10 @@ COMPOSITE: set[str] = set()  # ops with no CUDA kernel of their own (no `_cuda_`
 
 
 def read_schemas(text: str | None = None) -> dict[str, str]:
-    """Op name -> full schema string, parsed from ops/schemas.def (one entry per line; a line that
+    """Op name -> full schema string, parsed from schemas.def (one entry per line; a line that
     starts like an entry but does not parse raises, so no schema can silently go missing)."""
     if text is None:
-        text = (Path(__file__).resolve().parent / "ops" / "schemas.def").read_text()
+        text = (Path(__file__).resolve().parent / "schemas.def").read_text()
     out = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -37,10 +37,10 @@ def read_schemas(text: str | None = None) -> dict[str, str]:
             continue
         m = _ENTRY.match(line)
         if not m:
-            raise ValueError(f"ops/schemas.def:{lineno}: cannot parse {line[:80]!r}: write each entry as "
+            raise ValueError(f"schemas.def:{lineno}: cannot parse {line[:80]!r}: write each entry as "
                              f'QUICKLLM_OP(name, "(args) -> returns") on one line')
         if m.group(2) in out:
-            raise ValueError(f"ops/schemas.def:{lineno}: {m.group(2)} is declared twice")
+            raise ValueError(f"schemas.def:{lineno}: {m.group(2)} is declared twice")
         out[m.group(2)] = m.group(2) + m.group(3)
         if m.group(1) == "COMPOSITE":
             COMPOSITE.add(m.group(2))

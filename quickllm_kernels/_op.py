@@ -7,7 +7,7 @@ it with torch.library (the CPU/CUDA implementation that checks, chooses a backen
 fake kernel, also for the `_cuda_` twin; autograd) and adds it to `OPS`, from which info(), the
 smoke pass, the benchmarks and the Triton compile test take their op lists.
 
-The schema itself lives in ops/schemas.def, the one source C++ reads too.
+The schema itself lives in schemas.def, the one source C++ reads too.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class Impl:
 
 @dataclasses.dataclass
 class Op:
-    """An op of the quickllm library (its schema is ops/schemas.def's entry of the same name).
+    """An op of the quickllm library (its schema is schemas.def's entry of the same name).
 
     check(*args): raises with a message naming the argument; shapes, dtypes and devices only, so it
         also runs on fake tensors (torch.compile, torch.export) and before any launch.
@@ -144,17 +144,34 @@ def _sync_checks_wanted(device: torch.device) -> bool:
 OPS: dict[str, Op] = {}
 
 
+def _remember_backend(setup_context):
+    """The backend asked for around the forward call, kept for the backward: autograd runs the
+    backward of CUDA tensors on its own threads, which do not see the caller's use_backend()."""
+    def setup(ctx, inputs, output):
+        ctx.quickllm_backend = backend.requested_backend()
+        return setup_context(ctx, inputs, output)
+    return setup
+
+
+def _same_backend_backward(fn):
+    def run(ctx, *grads):
+        with backend.use_backend(ctx.quickllm_backend):
+            return fn(ctx, *grads)
+    return run
+
+
 def define(op: Op) -> Op:
     """Register `op` with torch.library and add it to OPS."""
     if op.name in OPS:
         raise ValueError(f"op {op.name} is defined twice")
     if op.name not in _library.SCHEMAS:
-        raise ValueError(f"op {op.name} has no entry in ops/schemas.def")
+        raise ValueError(f"op {op.name} has no entry in schemas.def")
     qualname = f"quickllm::{op.name}"
     torch.library.impl(qualname, ("CPU", "CUDA"), op.run, lib=_library.LIB)
     torch.library.register_fake(qualname, op.fake_run, lib=_library.LIB)
     if op.backward is not None:
-        torch.library.register_autograd(qualname, op.backward, setup_context=op.setup_context, lib=_library.LIB)
+        torch.library.register_autograd(qualname, _same_backend_backward(op.backward),
+                                        setup_context=_remember_backend(op.setup_context), lib=_library.LIB)
     if op.cuda is not None:
         _library.register_twin_fake(op.name, op.fake_run)
     OPS[op.name] = op

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops.logprobs import linear_token_logprobs
+from .logprobs import linear_token_logprobs
 
 __all__ = ["group_advantages", "grpo_loss", "grpo_loss_from_hidden", "LOSS_TYPES"]
 

@@ -1,5 +1,5 @@
 """The CMake build (csrc/build.json, same sources as setup.py) gives a library that C++ and serving
-engines load with torch.ops.load_library: the schemas of ops/schemas.def, with the public ops bound to
+engines load with torch.ops.load_library: the schemas of schemas.def, with the public ops bound to
 the CUDA kernels. CI builds it and sets QUICKLLM_CMAKE_LIBRARY; elsewhere this test is skipped."""
 import os
 import re

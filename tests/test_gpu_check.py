@@ -64,7 +64,7 @@ def test_no_gpu_without_dry_run_says_so(tmp_path):
 
 @pytest.mark.triton
 def test_smoke_fails_a_wrong_kernel(monkeypatch):
-    from quickllm_kernels.triton import rope as tri
+    from quickllm_kernels.rope import triton as tri
 
     good = tri.apply_rope
 

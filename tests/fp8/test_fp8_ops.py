@@ -9,8 +9,8 @@ import torch
 from conftest import HAS_CUDA, TOL, poison_allocator
 
 import quickllm_kernels as qk
-from quickllm_kernels.ops import fp8 as fp8_ops
-from quickllm_kernels.reference import fp8 as ref
+from quickllm_kernels import fp8 as fp8_ops
+from quickllm_kernels.fp8 import reference as ref
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -442,7 +442,7 @@ def test_compile_inductor_dequant_path():
 
 
 def _no_launch(monkeypatch):
-    from quickllm_kernels.triton import fp8 as tri
+    from quickllm_kernels.fp8 import triton as tri
     for kernel in ("_dequant_kernel", "_act_quant_kernel", "_gemm_kernel"):
         monkeypatch.setattr(tri, kernel, None)
 
@@ -580,7 +580,7 @@ def test_fp8_linear_loads_checkpoint_tensors():
 
 def test_fp8_linear_matches_converter_scheme(tmp_path):
     """from_linear quantises exactly as `python -m quickllm_kernels.fp8 convert --to fp8` does."""
-    from quickllm_kernels.fp8 import QUANTISED
+    from quickllm_kernels.fp8.checkpoint import QUANTISED
     assert QUANTISED.search("model.layers.0.mlp.down_proj.weight")
     w = _randn(130, 260, seed=64, device="cpu")
     lin = torch.nn.Linear(260, 130, bias=False)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import grpo  # noqa: E402
-from models.grpo import GRPOConfig, answer_reward, builtin_trainer, format_reward  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from quickllm_models import grpo_trainer as grpo  # noqa: E402
+from quickllm_models.grpo_trainer import GRPOConfig, answer_reward, builtin_trainer, format_reward  # noqa: E402
 
 
 def test_rewards():

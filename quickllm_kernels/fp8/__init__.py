@@ -1,8 +1,8 @@
 """DeepSeek-V3 FP8 ops: block weight dequantisation, per-token-group activation quantisation, and the
 block-scaled FP8 GEMM that multiplies the two.
 
-Ops: torch.ops.quickllm.weight_dequant, act_quant, fp8_block_gemm. Backends: cuda (csrc/fp8.cu),
-triton (triton/fp8.py), reference (reference/fp8.py, float8_e4m3fn on any device). weight_dequant
+Ops: torch.ops.quickllm.weight_dequant, act_quant, fp8_block_gemm. Backends: cuda (csrc/fp8/fp8.cu),
+triton (fp8/triton.py), reference (fp8/reference.py, float8_e4m3fn on any device). weight_dequant
 and act_quant give bit-identical results on every backend; fp8_block_gemm agrees to float32
 rounding (the kernels sum each 128-wide K block on the tensor cores before scaling it). These are
 inference ops: no autograd.
@@ -15,7 +15,7 @@ import math
 import torch
 
 from .._op import Impl, Op, define
-from ..reference import fp8 as ref
+from . import reference as ref
 
 __all__ = ["weight_dequant", "act_quant", "fp8_block_gemm", "FP8", "FP8_MAX", "fp8_gemm_supported"]
 
@@ -85,7 +85,7 @@ def _dequant_check(w, scale_inv, block_m, block_n, out_dtype):
 
 
 def _dequant_triton(w, scale_inv, block_m, block_n, out_dtype):
-    from ..triton import fp8 as tri
+    from . import triton as tri
     return tri.weight_dequant(_unit_last(w), scale_inv, (block_m, block_n), out_dtype)
 
 
@@ -121,7 +121,7 @@ def _act_shapes(x, group):
 
 
 def _act_triton(x, group, ue8m0):
-    from ..triton import fp8 as tri
+    from . import triton as tri
     x2 = _unit_last(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if x.dim() != 2 else x)
     q, s = tri.act_quant(x2, group, ue8m0)
     q_shape, s_shape = _act_shapes(x, group)
@@ -199,7 +199,7 @@ def _gemm_order(device):
 
 
 def _gemm_triton(a, a_scales, b, b_scales, out_dtype):
-    from ..triton import fp8 as tri
+    from . import triton as tri
     return tri.fp8_block_gemm(_unit_last(a), a_scales, _unit_last(b), b_scales, out_dtype)
 
 

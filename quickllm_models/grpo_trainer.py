@@ -8,8 +8,8 @@
                  reference model's KL, through the fused hidden-state loss (no [B, T, V] logits)
   5. update      gradient clipping, optimiser step
 
-    python -m models.grpo                      # built-in task: tiny LM, character-level arithmetic
-    python -m models.grpo --model DIR --dataset train.jsonl    # a local Hugging Face causal LM
+    python -m quickllm_models.grpo_trainer                      # built-in task: tiny LM, character-level arithmetic
+    python -m quickllm_models.grpo_trainer --model DIR --dataset train.jsonl    # a local Hugging Face causal LM
 
 Writes <out>/log.jsonl (one line per step), <out>/curves.png (reward, loss, KL per step) and
 <out>/checkpoint.pt (resume with --resume).
@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make `models` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import quickllm_kernels as qk  # noqa: E402
-from models.qwen2 import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from quickllm_models.qwen2 import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # The built-in task: a character tokenizer and small arithmetic problems
@@ -412,7 +412,7 @@ def hf_trainer(cfg: GRPOConfig, model_dir: str, dataset: str) -> GRPOTrainer:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m models.grpo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m quickllm_models.grpo_trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(GRPOConfig):
         kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], str)

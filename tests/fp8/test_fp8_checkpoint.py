@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quickllm_kernels.fp8 import QUANTISED, CheckpointError, convert_checkpoint, main
-from quickllm_kernels.reference.fp8 import FP8, weight_dequant, weight_quant
+from quickllm_kernels.fp8.checkpoint import QUANTISED, CheckpointError, convert_checkpoint, main
+from quickllm_kernels.fp8.reference import FP8, weight_dequant, weight_quant
 
 
 def sqnr_db(x, ref):

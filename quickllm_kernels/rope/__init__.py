@@ -1,8 +1,8 @@
 """Fused rotary position embedding: `rope_cache` builds the table, `apply_rope` rotates q and k.
 
 Ops: torch.ops.quickllm.apply_rope (functional, with autograd) and torch.ops.quickllm.apply_rope_
-(in place, `Tensor(a!)` in its schema). Backends: cuda (csrc/rope.cu), triton (triton/rope.py),
-reference (reference/rope.py).
+(in place, `Tensor(a!)` in its schema). Backends: cuda (csrc/rope/rope.cu), triton (rope/triton.py),
+reference (rope/reference.py).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import math
 import torch
 
 from .._op import Impl, Op, define
-from ..reference import rope as ref
+from . import reference as ref
 
 __all__ = ["rope_cache", "rope_inv_freq", "rope_softmax_scale", "apply_rope"]
 
@@ -247,7 +247,7 @@ def _inplace(functional, inplace):
 
 def _triton(inplace):
     def run(*args):
-        from ..triton import rope as tri
+        from . import triton as tri
         return _inplace(tri.apply_rope, tri.apply_rope_)(*args) if inplace else tri.apply_rope(*_kernel_args(*args))
     return run
 

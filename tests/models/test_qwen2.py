@@ -1,4 +1,4 @@
-"""models/qwen2.py vs transformers' Qwen2ForCausalLM on tiny random configs the test builds and saves
+"""quickllm_models/qwen2.py vs transformers' Qwen2ForCausalLM on tiny random configs the test builds and saves
 (safetensors, single file and sharded): logits to 1e-5 in float32, with and without the KV cache,
 with left padding."""
 import sys
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.qwen2 import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from quickllm_models.qwen2 import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 

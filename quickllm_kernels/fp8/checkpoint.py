@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .reference.fp8 import FP8, weight_quant
+from .reference import FP8, weight_quant
 
 SCALE_SUFFIX = "_scale_inv"
 # Weights DeepSeek-V3 quantises: the linear projections of attention, MLP and experts. The router
@@ -101,7 +101,7 @@ def convert_checkpoint(src, dst, *, to: str, block=(128, 128), out_dtype=torch.b
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .ops.fp8 import weight_dequant as dequant_op
+    from . import weight_dequant as dequant_op
 
     if to not in ("bf16", "fp8"):
         raise ValueError(f"convert_checkpoint: to must be 'bf16' or 'fp8', got {to!r}")

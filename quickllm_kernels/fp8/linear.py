@@ -6,8 +6,8 @@ import math
 import torch
 from torch import nn
 
-from .ops import fp8 as fp8_ops
-from .reference import fp8 as fp8_ref
+from .. import fp8 as fp8_ops
+from . import reference as fp8_ref
 
 __all__ = ["FP8Linear"]
 

@@ -2,7 +2,7 @@
 `linear_token_logprobs` from hidden states and the lm_head weight.
 
 Ops: torch.ops.quickllm.token_logprobs and token_logprobs_backward. Backends: cuda
-(csrc/logprobs.cu), triton (triton/logprobs.py), reference (reference/logprobs.py).
+(csrc/logprobs.cu), triton (logprobs/triton.py), reference (logprobs/reference.py).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import math
 import torch
 
 from .._op import Impl, Op, define
-from ..reference import logprobs as ref
+from . import reference as ref
 
 __all__ = ["token_logprobs", "linear_token_logprobs"]
 
@@ -77,14 +77,14 @@ def _kernel_limit(logits, *_):
 
 
 def _fwd_triton(logits, token_ids, temperature, ignore_index):
-    from ..triton import logprobs as tri
+    from . import triton as tri
     lead = logits.shape[:-1]
     outs = tri.token_logprobs(_as_3d(logits), token_ids.reshape(-1).contiguous(), temperature, ignore_index)
     return tuple(o.view(lead) for o in outs)
 
 
 def _bwd_triton(grad_logprobs, grad_entropy, logits, token_ids, lse, entropy, temperature, ignore_index):
-    from ..triton import logprobs as tri
+    from . import triton as tri
     flat = lambda t: t.reshape(-1).contiguous().float()  # noqa: E731
     grad = tri.token_logprobs_backward(flat(grad_logprobs), flat(grad_entropy), _as_3d(logits),
                                        token_ids.reshape(-1).contiguous(), flat(lse), flat(entropy), temperature,

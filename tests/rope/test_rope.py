@@ -11,8 +11,8 @@ from conftest import HAS_CUDA, assert_close
 
 import quickllm_kernels as qk
 from quickllm_kernels import _library, backend
-from quickllm_kernels.ops.rope import rope_inv_freq
-from quickllm_kernels.reference import rope as ref
+from quickllm_kernels.rope import rope_inv_freq
+from quickllm_kernels.rope import reference as ref
 
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
@@ -299,7 +299,7 @@ def test_empty_inputs(backend_name):
 @pytest.mark.triton
 def test_triton_kernel_out_of_range_positions_give_nan_not_out_of_bounds_reads():
     """The kernels' contract when no host check runs (GPU default): NaN in rotated dims, tail intact."""
-    from quickllm_kernels.triton import rope as tri
+    from quickllm_kernels.rope import triton as tri
     q, k = make_qk(4, 2, 1, 12, torch.float32, fused=False)
     cache = qk.rope_cache(8, 10, device=DEVICE)
     pos = torch.tensor([0, 10, -1, 9], device=DEVICE)
@@ -464,7 +464,7 @@ BAD = [
 def test_bad_input(backend_name, over, exc, match, monkeypatch):
     if backend_name == "triton":
         # Any launch would fail loudly: the error must come from validation, before it.
-        from quickllm_kernels.triton import rope as tri
+        from quickllm_kernels.rope import triton as tri
         monkeypatch.setattr(tri, "_launch", lambda *a, **k: pytest.fail("kernel launched on bad input"))
     a = _args(**over)
     with qk.use_backend(backend_name), pytest.raises(exc, match=match):
@@ -573,7 +573,7 @@ def test_extension_kernel_rejects_cpu_tensors():
 
 def test_schemas_without_extension():
     """Without the CUDA kernels (QUICKLLM_BUILD_CUDA=0: no ahead-of-time module, no just-in-time build) the
-    package defines the same public schemas from ops/schemas.def and runs."""
+    package defines the same public schemas from schemas.def and runs."""
     code = ("import sys; sys.modules['quickllm_kernels._C'] = None\n"
             "import torch, quickllm_kernels as qk\n"
             "from quickllm_kernels import _library\n"

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import quickllm_kernels as qk
-from quickllm_kernels.reference import logprobs as ref
+from quickllm_kernels.logprobs import reference as ref
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 KERNEL_BACKENDS = [
@@ -169,7 +169,7 @@ def test_non_finite_rows(backend_name):
 
 @pytest.mark.triton
 def test_triton_out_of_range_ids_give_nan_without_reading():
-    from quickllm_kernels.triton import logprobs as tri
+    from quickllm_kernels.logprobs import triton as tri
     logits = torch.randn(1, 4, 20)
     ids = torch.tensor([0, 20, -3, 19])
     lp, ent, _ = tri.token_logprobs(logits, ids, 1.0, -100)
@@ -399,7 +399,7 @@ BAD = [
 @pytest.mark.parametrize("over,exc,match", BAD, ids=[b[2][:28] for b in BAD])
 def test_bad_input(backend_name, over, exc, match, monkeypatch):
     if backend_name == "triton":
-        from quickllm_kernels.triton import logprobs as tri
+        from quickllm_kernels.logprobs import triton as tri
         monkeypatch.setattr(tri, "_fwd_kernel", None)  # any launch would fail: errors must come first
     a = _bad_args(**over)
     with qk.use_backend(backend_name), pytest.raises(exc, match=match):
@@ -531,3 +531,19 @@ def test_linear_zero_rows():
     assert lp.shape == ent.shape == (0,)
     (lp.sum() + ent.sum()).backward()
     assert hidden.grad.shape == (0, 8) and torch.equal(weight.grad, torch.zeros(11, 8))
+
+
+@pytest.mark.triton
+def test_backward_runs_on_the_forward_backend():
+    """Autograd runs the backward of CUDA tensors on its own threads, which do not see use_backend():
+    the backward keeps the backend the forward was asked for, wherever and whenever it runs."""
+    logits = torch.randn(3, 50, requires_grad=True)
+    ids = torch.randint(0, 50, (3,))
+    with qk.use_backend("triton"):
+        lp = qk.token_logprobs(logits, ids)
+    import threading
+    t = threading.Thread(target=lambda: lp.sum().backward())  # another thread, outside the block
+    t.start()
+    t.join()
+    assert qk.last_backends()["token_logprobs_backward"] == "triton"
+    assert logits.grad is not None

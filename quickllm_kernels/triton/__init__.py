@@ -1,1 +1,0 @@
-"""Triton kernels and their host launchers (imported lazily: triton is optional)."""
