@@ -162,19 +162,24 @@ class Qwen2Model(nn.Module):
 
 
 class Qwen2ForCausalLM(nn.Module):
-    def __init__(self, cfg: Qwen2Config, *, backend: str | None = None):
+    def __init__(self, cfg: Qwen2Config, *, backend: str | None = None, max_positions: int | None = None):
+        """max_positions: rows of the cos/sin table (default cfg.max_position_embeddings), fixed here
+        so that a forward never syncs with the host or replaces a buffer (CUDA graphs); a position
+        past it raises on the CPU and gives NaN on a GPU (apply_rope's contract)."""
         super().__init__()
         self.config, self.backend = cfg, backend
+        self.max_positions = max_positions or cfg.max_position_embeddings
         self.model = Qwen2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # cos/sin table as transformers builds it; float32, extended on demand
-        self.register_buffer("rope", self._rope_table(cfg.max_position_embeddings), persistent=False)
+        # cos/sin table as transformers builds it, float32 (dynamic scaling: as for a sequence of
+        # max_positions tokens)
+        self.register_buffer("rope", self._rope_table(), persistent=False)
 
-    def _rope_table(self, n):
+    def _rope_table(self):
         c = self.config
-        return qk.rope_cache(c.dim_head, n, base=c.rope_theta, scaling=c.rope_scaling,
+        return qk.rope_cache(c.dim_head, self.max_positions, base=c.rope_theta, scaling=c.rope_scaling,
                              max_position_embeddings=c.max_position_embeddings)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -204,8 +209,6 @@ class Qwen2ForCausalLM(nn.Module):
             key_mask = attention_mask
         if position_ids is None:  # real tokens are numbered from 0, padding does not count
             position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
-        if int(position_ids.max()) >= self.rope.shape[0] if position_ids.numel() else False:
-            self.rope = self._rope_table(int(position_ids.max()) + 1).to(self.rope.device)
         # causal over absolute slots, only real keys; every query may at least see itself (so padded
         # queries never see an empty row)
         q_slot = torch.arange(start, start + t, device=dev)[:, None]
@@ -227,7 +230,8 @@ class Qwen2ForCausalLM(nn.Module):
     # ---- checkpoints ------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, device=None, backend=None) -> "Qwen2ForCausalLM":
+    def from_pretrained(cls, path, *, dtype=None, device=None, backend=None,
+                        max_positions=None) -> "Qwen2ForCausalLM":
         """Load a Hugging Face Qwen2 directory: config.json and model.safetensors, or shards listed in
         model.safetensors.index.json. Weights keep their stored dtype unless `dtype` is given."""
         from safetensors import safe_open
@@ -242,7 +246,7 @@ class Qwen2ForCausalLM(nn.Module):
         else:
             raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
         with torch.device("meta"):
-            model = cls(cfg, backend=backend)
+            model = cls(cfg, backend=backend, max_positions=max_positions)
         state = {}
         for name in files:
             with safe_open(str(path / name), framework="pt", device="cpu") as f:
@@ -258,7 +262,7 @@ class Qwen2ForCausalLM(nn.Module):
         model.load_state_dict(state, strict=False, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        model.rope = model._rope_table(cfg.max_position_embeddings)
+        model.rope = model._rope_table()
         if dtype is not None:
             model.to(dtype)
             model.rope = model.rope.float()

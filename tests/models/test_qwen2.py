@@ -91,3 +91,18 @@ def test_presets_and_bad_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError):
         (tmp_path / "config.json").write_text('{"vocab_size": 10}')
         Qwen2ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_forward_never_syncs_or_replaces_the_rope_table():
+    """The cos/sin table is sized at construction: a forward reads no tensor value on the host and
+    keeps its buffers, so it can be captured in a CUDA graph; a position past the table is an error
+    on the CPU (NaN on a GPU), not a silent resize."""
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    model = Qwen2ForCausalLM(cfg, max_positions=24)
+    table = model.rope
+    assert table.shape[0] == 24
+    model(torch.randint(0, 64, (2, 20)))
+    assert model.rope is table
+    with pytest.raises(IndexError, match="positions"):
+        model(torch.randint(0, 64, (1, 30)))
