@@ -174,9 +174,12 @@ def jit_plan(arch_list: list[str] | None = None) -> dict:
     sources = [str(root / s) for s in cfg["sources"]]
     nvcc_flags = cfg["nvcc_flags"] + gencode_flags(arch_list)
     digest = hashlib.sha256()
-    for path in sources + [str(root / "csrc" / "build.json"), str(PACKAGE / "schemas.def")]:
-        digest.update(Path(path).name.encode())
-        digest.update(Path(path).read_bytes())
+    # every file of csrc/ (sources, shared headers, build.json) and the schemas: any edit is a new key
+    inputs = sorted(f for f in (root / "csrc").rglob("*")
+                    if f.is_file() and f.suffix in (".cu", ".cuh", ".cpp", ".h", ".hpp", ".json"))
+    for path in inputs + [PACKAGE / "schemas.def"]:
+        digest.update(str(path.relative_to(path.parents[1] if path.name == "schemas.def" else root)).encode())
+        digest.update(path.read_bytes())
     for part in (cfg["cxx_flags"], nvcc_flags, torch.__version__, torch.version.cuda, sys.version_info[:2],
                  nvcc_path()):
         digest.update(repr(part).encode())

@@ -164,3 +164,16 @@ def test_cpu_tensors_never_trigger_a_build(monkeypatch):
 
     assert backend.unavailable_reason("cuda", "apply_rope", torch.device("cpu")) is not None
     assert calls == []
+
+
+def test_jit_key_covers_shared_headers(tmp_path, monkeypatch):
+    """A change to a header the sources include (not only to a listed source) gives a new cache key."""
+    if _build.build_unavailable():
+        pytest.skip(_build.build_unavailable())
+    import shutil
+    root = tmp_path / "tree"
+    shutil.copytree(ROOT / "csrc", root / "csrc")
+    monkeypatch.setattr(_build, "source_root", lambda: root)
+    before = _build.jit_plan(["90"])["directory"]
+    (root / "csrc" / "common" / "vec.cuh").write_text((root / "csrc" / "common" / "vec.cuh").read_text() + "\n// x\n")
+    assert _build.jit_plan(["90"])["directory"] != before

@@ -17,6 +17,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "csrc/common/vec.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -32,11 +34,6 @@ namespace {
 constexpr float kFp8Max = 448.0f;
 // Dims are int32 in the kernels; the margin keeps indices rounded up to a whole tile in range too.
 constexpr int64_t kMaxDim = std::numeric_limits<int>::max() - 4096;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }

@@ -14,6 +14,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "csrc/common/vec.cuh"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -23,11 +25,6 @@ namespace quickllm {
 namespace {
 
 constexpr int kThreads = 512;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 struct Stats {
   float m;  // running max of z

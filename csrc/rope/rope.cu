@@ -14,17 +14,14 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "csrc/common/vec.cuh"
+
 #include <cstdint>
 #include <limits>
 #include <tuple>
 
 namespace quickllm {
 namespace {
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 // Loads N elements; ALIGNED uses one vector access (the host checked alignment), else scalars.
 template <bool ALIGNED, int N, typename T>
