@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 LIB = os.environ.get("QUICKLLM_CMAKE_LIBRARY")
-SCHEMAS = Path(__file__).resolve().parents[1] / "quickllm_kernels" / "ops" / "schemas.def"
+SCHEMAS = Path(__file__).resolve().parents[1] / "quickllm_kernels" / "schemas.def"
 
 
 @pytest.mark.skipif(not LIB, reason="QUICKLLM_CMAKE_LIBRARY not set (the CMake library was not built)")

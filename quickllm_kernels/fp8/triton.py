@@ -1,6 +1,6 @@
 """DeepSeek-V3 FP8 block quantisation and the block-scaled FP8 GEMM in Triton.
 
-Same semantics as reference/fp8.py: weight_dequant and act_quant agree with it bit for bit (one
+Same semantics as fp8/reference.py: weight_dequant and act_quant agree with it bit for bit (one
 float32 multiply; IEEE float32 division with div_rn, never the approximate `/`; round to nearest
 even onto the e4m3 grid). fp8_block_gemm computes each 128-wide K block of A B^T on the FP8 tensor
 cores, then scales it by a_scales[m, kb] * b_scales[n // 128, kb] into a float32 accumulator, as

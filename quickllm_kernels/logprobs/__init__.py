@@ -2,7 +2,7 @@
 `linear_token_logprobs` from hidden states and the lm_head weight.
 
 Ops: torch.ops.quickllm.token_logprobs and token_logprobs_backward. Backends: cuda
-(csrc/logprobs.cu), triton (logprobs/triton.py), reference (logprobs/reference.py).
+(csrc/logprobs/logprobs.cu), triton (logprobs/triton.py), reference (logprobs/reference.py).
 """
 from __future__ import annotations
 

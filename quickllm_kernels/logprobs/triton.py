@@ -1,6 +1,6 @@
 """Chosen-token log-probabilities and entropy in Triton: one program per row, one online pass over the
 vocabulary (running max, sum of exp, sum of exp * z per lane), never a [rows, V] intermediate.
-Same semantics as reference/logprobs.py. Logits come as [B, S, V] with any B and S strides and a unit
+Same semantics as logprobs/reference.py. Logits come as [B, S, V] with any B and S strides and a unit
 last stride; offsets are 64-bit (rows x V can pass 2**31)."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Rotary position embedding in Triton: one program per token rotates all q and k heads.
 
-Same semantics as reference/rope.py, including NaN for positions outside the cache (the kernel
+Same semantics as rope/reference.py, including NaN for positions outside the cache (the kernel
 masks the cache read instead of reading out of bounds). Runs on CPU tensors under TRITON_INTERPRET=1.
 Inputs need a unit stride on the last dim (the op's host code makes sure of it); every other stride
 is free, so q and k can be views into one fused qkv tensor.

@@ -44,7 +44,7 @@ def gemm_refusal(backend_name, k, device=DEVICE):
 def gemm_tolerance(out_dtype, on_gpu):
     """(rtol, atol relative to max |C|) of fp8_block_gemm against the float64 product. The
     interpreter sums each K block in float32, so float32 outputs agree to float32 rounding; the FP8
-    tensor cores sum the 32 products of each instruction keeping about 14 bits (triton/fp8.py), so
+    tensor cores sum the 32 products of each instruction keeping about 14 bits (fp8/triton.py), so
     on a GPU no output is closer than bfloat16's tolerance."""
     if on_gpu and out_dtype == torch.float32:
         out_dtype = torch.bfloat16
