@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import tuning
+
 FP8_MAX = tl.constexpr(448.0)
 ACT_EPS = tl.constexpr(1e-10)
 # FP8 products summed on the tensor cores before a float32 add: one scale block (4 wgmma k32). 32
@@ -230,18 +232,36 @@ def _gemm_kernel(a, a_s, b, b_s, c, M, N, K, sam, sbn, sasm, sask, sbsn, sbsk,
     tl.store(c + rm[:, None] * N + rn[None, :], acc.to(c.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _gemm_config(M: int):
-    """(BM, BN, num_warps, num_stages) by M: small M (decode) is a stream over b, so it takes narrow
-    column tiles to give every SM some of b; large M takes 128 x 128 tiles for reuse."""
+def _gemm_config(M: int) -> dict:
+    """The rule where no tuned table says otherwise: small M (decode) is a stream over b, so it takes
+    narrow column tiles to give every SM some of b; large M takes 128 x 128 tiles for reuse."""
     if M <= 16:
-        return 16, 64, 4, 5
+        return dict(BM=16, BN=64, num_warps=4, num_stages=5)
     if M <= 64:
-        return 64, 64, 4, 4
-    return 128, 128, 8, 3
+        return dict(BM=64, BN=64, num_warps=4, num_stages=4)
+    return dict(BM=128, BN=128, num_warps=8, num_stages=3)
 
 
-def fp8_block_gemm(a, a_scales, b, b_scales, out_dtype):
-    """a [M, K], b [N, K] fp8 (unit last strides), scales float32 -> c [M, N] out_dtype contiguous."""
+def gemm_keys(M: int, N: int, K: int) -> tuple[str, str]:
+    """Tuned-table keys of a GEMM shape, the most specific first: M rounded up to a power of two
+    (at least 16, at most 16384) with N and K, then that M bucket alone."""
+    mb = min(16384, max(16, 1 << max(0, M - 1).bit_length()))
+    return f"M{mb}_N{N}_K{K}", f"M{mb}"
+
+
+def _check_gemm_config(cfg: dict) -> dict:
+    for k in ("BM", "BN"):
+        if cfg[k] not in (16, 32, 64, 128, 256):
+            raise ValueError(f"fp8_block_gemm: tuned {k} must be 16, 32, 64, 128 or 256, got {cfg[k]}")
+    if cfg["num_warps"] not in (1, 2, 4, 8, 16) or not 1 <= cfg["num_stages"] <= 8:
+        raise ValueError(f"fp8_block_gemm: tuned num_warps / num_stages out of range: {cfg}")
+    return cfg
+
+
+def fp8_block_gemm(a, a_scales, b, b_scales, out_dtype, config: dict | None = None):
+    """a [M, K], b [N, K] fp8 (unit last strides), scales float32 -> c [M, N] out_dtype contiguous.
+    config: the tile configuration (BM, BN, num_warps, num_stages); default: this device's tuned
+    table (quickllm_kernels.tuning), else the rule of _gemm_config."""
     M, K = a.shape
     N = b.shape[0]
     c = torch.empty(M, N, dtype=out_dtype, device=a.device)
@@ -249,7 +269,10 @@ def fp8_block_gemm(a, a_scales, b, b_scales, out_dtype):
         return c
     if K == 0:
         return c.zero_()
-    BM, BN, warps, stages = _gemm_config(M)
+    if config is None:
+        config = tuning.lookup("fp8_block_gemm", a.device, gemm_keys(M, N, K), _gemm_config(M))
+    cfg = _check_gemm_config(config)
+    BM, BN, warps, stages = cfg["BM"], cfg["BN"], cfg["num_warps"], cfg["num_stages"]
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
     with _on(a.device):
         _gemm_kernel[grid](a, a_scales, b, b_scales, c, M, N, K, a.stride(0), b.stride(0), a_scales.stride(0),
