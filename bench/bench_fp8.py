@@ -29,8 +29,7 @@ import math
 import torch
 
 import quickllm_kernels as qk
-from quickllm_kernels._op import OPS
-from common import Case, compiled
+from common import Case, compiled, on_backend, unavailable
 from quickllm_kernels.fp8 import reference as ref
 
 DEQUANT_CASES = {"w1_gate_up_18432x7168": (18432, 7168), "w2_down_7168x18432": (7168, 18432),
@@ -50,17 +49,7 @@ BLOCKWISE = "torch scaled_mm blockwise"
 
 def _ours(op, name, device, call):
     """quickllm on one backend: make(*inputs) -> fn(), or why that backend cannot run here."""
-    device = torch.device(device)
-    why = OPS[op].unavailable(name, device)
-    if why:
-        return why
-
-    def make(*inputs):
-        def run():
-            with qk.use_backend(name):
-                return call(*inputs)
-        return run
-    return make
+    return unavailable(op, name, device) or (lambda *inputs: functools.partial(on_backend(name, call), *inputs))
 
 
 def _common(op, device, call, reference):

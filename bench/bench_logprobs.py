@@ -19,7 +19,7 @@ import functools
 import torch
 
 import quickllm_kernels as qk
-from common import Case, compiled
+from common import Case, compiled, on_backend, unavailable
 from quickllm_kernels.logprobs import reference as ref
 
 TOKEN_CASES = {
@@ -44,11 +44,6 @@ def _step(f):
     return make
 
 
-def _ours(name, x, ids):
-    with qk.use_backend(name):
-        return qk.token_logprobs(x, ids)
-
-
 def _plain(x, ids):  # the unfused formula
     return torch.log_softmax(x.float(), -1).gather(-1, ids[..., None])[..., 0]
 
@@ -64,8 +59,8 @@ def _reference(x, ids):
 def token_providers(device) -> dict:
     out = {}
     for name in ("cuda", "triton"):
-        why = qk.backend.unavailable_reason(name, "token_logprobs", torch.device(device))
-        out[f"quickllm-{name}"] = why or _step(functools.partial(_ours, name))
+        out[f"quickllm-{name}"] = unavailable("token_logprobs", name, device) or _step(
+            on_backend(name, lambda x, ids: qk.token_logprobs(x, ids)))
     out["reference"] = _step(_reference)
     out["torch.compile(log_softmax+gather)"] = lambda x, ids: _step(compiled(_plain))(x, ids)
     out["trl per-row log_softmax"] = _step(_trl_style)

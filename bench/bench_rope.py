@@ -15,7 +15,7 @@ import functools
 import torch
 
 import quickllm_kernels as qk
-from common import Case, compiled
+from common import Case, compiled, on_backend, unavailable
 from quickllm_kernels.rope import reference as ref
 
 CASES = {
@@ -58,8 +58,9 @@ def providers(spec: dict, device) -> dict:
     out = {}
 
     def ours(name):
-        why = qk.backend.unavailable_reason(name, "apply_rope", device)
-        return why or (lambda q, k, pos, cache: lambda: _ours(name, q, k, pos, cache, spec["style"], inplace))
+        run = on_backend(name, lambda q, k, pos, cache: qk.apply_rope(q, k, pos, cache, style=spec["style"],
+                                                                      inplace=inplace))
+        return unavailable("apply_rope", name, device) or (lambda *inputs: functools.partial(run, *inputs))
 
     out["quickllm-cuda"] = ours("cuda")
     out["quickllm-triton"] = ours("triton")
@@ -104,11 +105,6 @@ def providers(spec: dict, device) -> dict:
     except ImportError as e:
         out["liger rope"] = f"not installed ({e.name})"
     return out
-
-
-def _ours(name, q, k, pos, cache, style, inplace):
-    with qk.use_backend(name):
-        return qk.apply_rope(q, k, pos, cache, style=style, inplace=inplace)
 
 
 def _gathered(cache, pos, dtype):

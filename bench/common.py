@@ -132,6 +132,33 @@ def _tensors(x) -> list:
     return []
 
 
+def on_backend(name: str, fn):
+    """fn with quickllm's backend `name` forced for the ops it calls."""
+    def call(*args):
+        import quickllm_kernels as qk
+
+        with qk.use_backend(name):
+            return fn(*args)
+    return call
+
+
+def unavailable(op: str, name: str, device) -> str | None:
+    """Why quickllm's backend `name` cannot run `op` on `device` at all (the op's declaration), or None."""
+    from quickllm_kernels._op import OPS
+
+    return OPS[op].unavailable(name, torch.device(device))
+
+
+def poison_allocator(*nbytes, device="cuda"):
+    """Fill one block of the CUDA caching allocator per size in `nbytes` with 0xFF bytes (NaN in every
+    float dtype, float8_e4m3fn included) and free them. An allocation of about that size that follows
+    on the same stream (an op's torch.empty / at::empty output) then likely reuses one, so an element
+    the op never writes reads NaN, not a stale plausible value: best effort, the allocator may pick
+    another free block."""
+    blocks = [torch.full((max(int(n), 1),), 0xFF, dtype=torch.uint8, device=device) for n in nbytes]
+    del blocks
+
+
 def rel_err(got, want) -> float:
     """max over output tensors of ||got - want||_2 / ||want||_2, summed in float64 chunk by chunk;
     inf when the outputs' count or shapes differ, NaN when either holds NaN."""

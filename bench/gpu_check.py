@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -104,42 +103,18 @@ class Check:
 
 
 def device_facts() -> dict:
-    """What the machine is: from torch, the CUDA driver (cuda-python, when installed) and nvidia-smi."""
+    """What the machine is: the benchmarks' environment record (torch, nvidia-smi, the commit), plus
+    the CUDA driver's attributes (cuda-python) and whether the CUDA kernels can be built here."""
     import torch
 
-    facts = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-             "host": platform.node(), "cpus": os.cpu_count()}
-    try:
-        import triton
-        facts["triton"] = triton.__version__
-    except ImportError:
-        facts["triton"] = None
-    try:
-        facts["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                         timeout=10).stdout.strip() or None
-        facts["dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                             capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        facts["commit"] = None
     sys.path.insert(0, str(ROOT))
+    from common import environment
     from quickllm_kernels import _build
 
-    facts["nvcc"] = _build.nvcc_version()
-    facts["cuda_build_unavailable"] = _build.build_unavailable()
-    if not torch.cuda.is_available():
-        facts["device"] = "cpu (no CUDA device)"
-        return facts
-    p = torch.cuda.get_device_properties(0)
-    facts.update(device=p.name, capability=f"sm_{p.major}{p.minor}", sms=p.multi_processor_count,
-                 memory_gib=round(p.total_memory / 2**30, 1), l2_mib=round(getattr(p, "L2_cache_size", 0) / 2**20, 1))
-    facts.update(_driver_attributes())
-    try:
-        q = "driver_version,clocks.max.sm,clocks.max.mem,clocks.sm,power.limit,temperature.gpu,persistence_mode"
-        line = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
-        facts["nvidia_smi"] = dict(zip(q.split(","), (v.strip() for v in line.split(","))))
-    except (OSError, subprocess.SubprocessError, IndexError):
-        facts["nvidia_smi"] = None
+    facts = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    facts.update(nvcc=_build.nvcc_version(), cuda_build_unavailable=_build.build_unavailable())
+    if torch.cuda.is_available():
+        facts.update(_driver_attributes())
     return facts
 
 
@@ -244,7 +219,7 @@ def main(argv=None) -> int:
     chk.save()
     gpu = facts.get("capability") is not None
     print(f"[gpu_check] {facts.get('device')} {facts.get('capability', '')}  torch {facts['torch']}  "
-          f"triton {facts['triton']}  nvcc {facts['nvcc']}  commit {str(facts.get('commit'))[:12]}", flush=True)
+          f"triton {facts['triton']}  nvcc {facts['nvcc']}  commit {str(facts.get('git_commit'))[:12]}", flush=True)
     if not gpu and not a.dry_run:
         print("[gpu_check] no CUDA device: run with --dry-run on a CPU machine", file=sys.stderr)
         return 2
@@ -352,9 +327,9 @@ def _summary(r: dict) -> str:
     e = r.get("environment", {})
     lines = [f"# gpu_check {'(dry run) ' if r['dry_run'] else ''}{e.get('device')} {e.get('capability', '')}",
              f"torch {e.get('torch')} (CUDA {e.get('torch_cuda')}), triton {e.get('triton')}, nvcc {e.get('nvcc')}, "
-             f"driver {e.get('cuda_driver') or (e.get('nvidia_smi') or {}).get('driver_version')}, "
-             f"SMs {e.get('sms')}, L2 {e.get('l2_mib')} MiB, commit {str(e.get('commit'))[:12]}"
-             f"{' (dirty)' if e.get('dirty') else ''}", "", "| step | status | s | note |", "|---|---|---|---|"]
+             f"driver {e.get('cuda_driver') or e.get('driver')}, SMs {e.get('sm_count')}, "
+             f"L2 {(e.get('l2_bytes') or 0) / 2**20:.0f} MiB, commit {str(e.get('git_commit'))[:12]}"
+             f"{' (dirty)' if e.get('git_dirty') else ''}", "", "| step | status | s | note |", "|---|---|---|---|"]
     for step, recs in r["steps"].items():
         for rec in recs:
             lines.append(f"| {step} | {rec['status']} | {rec.get('seconds', '-')} | {rec.get('why', '')} |")

@@ -13,7 +13,6 @@ fails. `--small` uses shapes small enough for compute-sanitizer.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -29,29 +28,14 @@ import quickllm_kernels as qk  # noqa: E402
 from quickllm_kernels._op import OPS  # noqa: E402
 from quickllm_kernels.fp8 import reference as ref_fp8  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import poison_allocator, rel_err, write_json  # noqa: E402
+
 # Relative error ||got - want|| / ||want|| allowed per output dtype. Kernels compute in float32 and
 # round once to the output dtype: the RMS of that rounding is about 2^-9 relative for bfloat16 (twice
 # that under the Triton interpreter, which truncates), so these bounds sit a few times above it and
 # far below what a wrong index, mask or position does to even one row.
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-def poison_allocator(device: torch.device, nbytes: int) -> None:
-    """Leave a freed block of `nbytes` full of NaN in the caching allocator, so the next allocations
-    of that size reuse NaN-filled memory."""
-    if device.type == "cuda" and nbytes > 0:
-        buf = torch.full((nbytes // 4 + 1,), float("nan"), device=device)
-        del buf
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double(), want.double()
-    if got.shape != want.shape:
-        return math.inf
-    if torch.isnan(got).any() and not torch.isnan(want).any():
-        return math.nan
-    den = want.norm().item()
-    return (got - want).norm().item() / (den if den > 0 else 1.0)
 
 
 def _rand(*shape, dtype, device, scale=1.0):
@@ -217,14 +201,6 @@ def _graph_check(run, x, refresh, name, dev):
     return [o.clone() for o in static_out], want
 
 
-def _write(path, rows):
-    if path:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=1, default=str)
-        os.replace(tmp, path)
-
-
 def _device_broken(device) -> str | None:
     """After an exception: whether the CUDA context still works (an illegal address poisons it)."""
     if device.type != "cuda":
@@ -253,7 +229,8 @@ def run_cases(device: torch.device, *, small: bool, backends, graphs: bool, log=
                     continue
                 with qk.use_backend("reference"):
                     want = run(x)
-                poison_allocator(device, 4 * sum(w.numel() * w.element_size() for w in want))
+                if device.type == "cuda":
+                    poison_allocator(*(w.numel() * w.element_size() for w in want), device=device)
                 t0 = time.perf_counter()
                 with qk.use_backend(name):
                     got = run(x)
@@ -275,11 +252,13 @@ def run_cases(device: torch.device, *, small: bool, backends, graphs: bool, log=
                 if broken:  # every later row would fail here, not where the fault is
                     row["device_broken"] = broken
                     rows.append(row)
-                    _write(json_path, rows)
+                    if json_path:
+                        write_json(json_path, rows)
                     log(f"FAIL  {case:32s} {name:9s} broke the CUDA context: {broken}; stopping")
                     return rows
             rows.append(row)
-            _write(json_path, rows)
+            if json_path:
+                write_json(json_path, rows)
             log(f"{row['status']:5s} {case:32s} {name:9s} err={row.get('error', '-')!s:12.12s} "
                 f"tol={row.get('tol', '-')!s:8.8s} graph={row.get('graph', '-')} {row.get('error_text', '')[:120]}")
     return rows

@@ -28,6 +28,9 @@ from quickllm_kernels.fp8 import reference as ref  # noqa: E402
 from quickllm_kernels.fp8 import triton as tri  # noqa: E402
 from quickllm_kernels.timing import measure  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import rel_err  # noqa: E402
+
 # DeepSeek-V3 weights (N, K): q_b_proj, o_proj, dense up and down, an expert's up projection
 SHAPES = [(24576, 1536), (7168, 16384), (18432, 7168), (7168, 18432), (2048, 7168)]
 M_BUCKETS = [16, 64, 256, 1024, 4096]
@@ -41,11 +44,6 @@ def candidates(m: int, smoke: bool):
     return [dict(BM=bm, BN=bn, num_warps=w, num_stages=s)
             for bm, bn, w, s in itertools.product(bms, (64, 128, 256), (4, 8), (3, 4, 5))
             if bm * bn <= 128 * 256 and not (bm <= 32 and w == 8)]
-
-
-def rel_err(got, want):
-    den = want.double().norm().item()
-    return (got.double() - want.double()).norm().item() / (den or 1.0)
 
 
 def tune_shape(m, n, k, device, smoke, log):

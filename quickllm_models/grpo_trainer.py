@@ -20,7 +20,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import random
 import re
 import sys

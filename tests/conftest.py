@@ -8,6 +8,8 @@ Markers (declared in pyproject.toml):
             which this file sets before any kernel module is imported.
 """
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,9 @@ if not HAS_CUDA:
 
 import quickllm_kernels  # noqa: E402
 from quickllm_kernels import _library, backend  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from common import poison_allocator  # noqa: E402,F401  (shared with the GPU check's smoke pass)
 
 HAS_TRITON = backend.triton_status()[0]
 
@@ -40,18 +45,11 @@ def assert_close(got, want, dtype=None):
     torch.testing.assert_close(got.double(), want.double(), equal_nan=True, **TOL[dtype])
 
 
-# Outputs an op allocates itself cannot be pre-filled by the test, so the two helpers below make the
-# memory they come from hold NaN (bytes 0xFF: NaN in every float dtype, float8_e4m3fn included). An
-# element the op never writes then reads NaN instead of a stale, plausible value, and the usual
-# comparisons (assert_close without equal_nan, bit comparisons) fail on it.
-
-
-def poison_allocator(*nbytes, device="cuda"):
-    """Fill one block of the CUDA caching allocator per size in `nbytes` with 0xFF bytes and free them.
-    An allocation of about that size that follows on the same stream (an op's torch.empty / at::empty
-    output) then likely reuses one: best effort, the allocator may pick another free block."""
-    blocks = [torch.full((max(int(n), 1),), 0xFF, dtype=torch.uint8, device=device) for n in nbytes]
-    del blocks
+# Outputs an op allocates itself cannot be pre-filled by the test, so poison_allocator (shared with the
+# GPU check's smoke pass, in bench/common.py) and nan_empty below make the memory they come from hold
+# NaN (bytes 0xFF: NaN in every float dtype, float8_e4m3fn included). An element the op never writes
+# then reads NaN instead of a stale, plausible value, and the usual comparisons (assert_close without
+# equal_nan, bit comparisons) fail on it.
 
 
 def _nan_fill(t):
