@@ -4,9 +4,10 @@
     python bench/tune.py --smoke --device cpu --out /tmp/tuned    # checks the tuner (interpreter)
 
 For each weight shape (N, K) and M bucket, every candidate tile is first checked against the reference
-on the same inputs (a wrong or failing candidate is skipped and said), then timed: CUDA events, L2
-read-flushed, the median. The fastest goes into OUT/<device>.json under its key, merged with what the
-file had and written atomically after each shape, so a run cut short keeps what it finished. Use it
+on the same inputs (a wrong or failing candidate is skipped and said), then timed: replays of a CUDA
+graph of one call (device time, no launch overhead), CUDA events, L2 read-flushed, the median. The
+fastest goes into OUT/<device>.json under its key, merged with what the file had and written
+atomically after each shape, so a run cut short keeps what it finished. Use it
 with QUICKLLM_TUNED_CONFIGS=OUT, or commit it to quickllm_kernels/configs/ for everyone with that GPU.
 """
 from __future__ import annotations
@@ -62,7 +63,10 @@ def tune_shape(m, n, k, device, smoke, log):
         if not err <= 1.6e-2:
             log(f"  skip {cfg}: wrong (rel err {err:.2e})")
             continue
-        t = measure(lambda: tri.fp8_block_gemm(a, sa, b, sb, torch.bfloat16, config=cfg), device, **timing)
+        # device time of the kernel alone (CUDA-graph replays): eager timing at decode sizes would rank
+        # the candidates by the launch's host time, which is the same for every tile
+        t = measure(lambda: tri.fp8_block_gemm(a, sa, b, sb, torch.bfloat16, config=cfg), device,
+                    cuda_graph=device.type == "cuda", **timing)
         log(f"  {cfg}: {t.median_ms:.4f} ms")
         if best is None or t.median_ms < best["ms"]:
             best = {**cfg, "ms": t.median_ms, "rel_err": err}

@@ -45,7 +45,9 @@ class Op:
         capture. Without them a kernel must stay in bounds and mark bad rows (NaN).
     kernel_limit(*args): why neither compiled kernel can take this call (float64, say), or None.
     device_limit(device): why no compiled kernel can run on this device at all, or None (info()).
-    auto_order(device): the op's own order of backends on a GPU, or None for cuda, triton, reference.
+    auto_order(device, args): the op's own order of backends on a GPU for this call (args None: a
+        typical call, for info()), or None for cuda, triton, reference. Set from measurements where
+        the kernels' strengths differ by shape (bench/results/).
     backward, setup_context: autograd (torch.library.register_autograd), or None.
     family: the op family (the package module that declares it): benchmarks and docs group by it.
     composite: the op has no kernels of its own: `reference` is its implementation on every backend
@@ -105,7 +107,7 @@ class Op:
             return "composite (its inner ops choose)"
         return backend.choose(self.name, device, self.device_limit(device) if self.device_limit else None,
                               {b: self.unavailable(b, device, build=False) for b in ("cuda", "triton")},
-                              self.auto_order(device) if self.auto_order else None, build=False)
+                              self.auto_order(device, None) if self.auto_order else None, build=False)
 
     def choose(self, args) -> str:
         """Check the arguments (values too, where that is free or asked for) and pick the backend."""
@@ -114,7 +116,7 @@ class Op:
         if self.sync_check is not None and _sync_checks_wanted(device):
             self.sync_check(*args)
         limit, per = self.limits(args, device)
-        order = self.auto_order(device) if self.auto_order else None
+        order = self.auto_order(device, args) if self.auto_order else None
         return backend.select(self.name, device, limit, per, order)
 
     def run(self, *args):

@@ -74,7 +74,9 @@ def test_smoke_fails_a_wrong_kernel(monkeypatch):
         return q_out, k_out
 
     monkeypatch.setattr(tri, "apply_rope", one_token_wrong)
-    rows = smoke.run_cases(torch.device("cpu"), small=True, backends=("triton",), graphs=False, log=lambda *_: None)
+    rows, go_on = smoke.run_cases(torch.device("cpu"), small=True, backends=("triton",), graphs=False,
+                                  log=lambda *_: None)
+    assert go_on is None
     by_case = {r["case"]: r for r in rows}
     assert by_case["apply_rope"]["status"] == "FAIL"
     assert by_case["act_quant fp32"]["status"] == "ok"
@@ -88,3 +90,23 @@ def test_smoke_compare_catches_nan_and_bits():
     assert not ok
     ok, _, _ = smoke._compare((torch.ones(4),), want, "exact", torch.device("cpu"))
     assert ok
+
+
+@pytest.mark.triton
+def test_smoke_goes_on_in_a_fresh_process_after_a_broken_context(monkeypatch, tmp_path, capsys):
+    """A case that leaves the process's CUDA state unusable (a failed capture, an illegal address)
+    costs that case only: the rest of the pass runs in a fresh process and its rows come back."""
+    from quickllm_kernels.rope import triton as tri
+
+    def crash(*a):
+        raise RuntimeError("illegal memory access")
+
+    monkeypatch.setattr(tri, "apply_rope", crash)
+    monkeypatch.setattr(smoke, "_device_broken", lambda device: "context lost")
+    out = tmp_path / "rows.json"
+    assert smoke.main(["--backend", "triton", "--json", str(out)]) == 1
+    rows = json.loads(out.read_text())
+    assert [r["case"] for r in rows] == list(smoke.CASES)  # each case once, in order
+    assert rows[0]["status"] == "FAIL" and rows[0]["device_broken"] == "context lost"
+    assert all(r["status"] == "ok" for r in rows[1:]), rows[1:]  # the child has the real kernel back
+    assert "going on in a fresh process" in capsys.readouterr().out

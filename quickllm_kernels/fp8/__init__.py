@@ -187,13 +187,25 @@ def _gemm_cuda_supports(a, a_scales, b, b_scales, out_dtype):
     return None
 
 
-def _gemm_order(device):
+# Rows up to which the CUDA GEMM goes first on Hopper: measured on an H100 (bench/results/), at
+# decode sizes it is memory-bound and its lean launch (a few microseconds of host time against
+# Triton's tens) wins, in CUDA graphs too for 6 of the 10 shapes at M = 1 and 16 (up to 1.9x; the
+# worst loss 18%); at M = 64 Triton's wgmma is 2x faster for the large weights (graph replays), and
+# from M = 256 on 1.4-4.5x.
+_CUDA_FIRST_MAX_M = 16
+
+
+def _gemm_order(device, args):
     """Auto order on a GPU. Hopper and datacenter Blackwell (sm_90, sm_100) have FP8 MMA only through
     wgmma / tcgen05, which Triton emits; there the CUDA kernel's mma.sync is lowered to e4m3 -> f16
-    conversions and f16 MMAs (same numbers, half the rate), so Triton goes first. sm_89 and sm_120
-    run mma.sync FP8 natively."""
+    conversions and f16 MMAs (same numbers, half the rate), so Triton goes first, except for
+    decode-sized calls (_CUDA_FIRST_MAX_M), which are memory-bound. sm_89 and sm_120 run mma.sync
+    FP8 natively: the default order."""
     if device.type == "cuda" and _capability(device.index if device.index is not None
                                              else torch.cuda.current_device())[0] in (9, 10):
+        a = args[0] if args else None
+        if a is not None and a.shape[-1] and a.numel() // a.shape[-1] <= _CUDA_FIRST_MAX_M:
+            return ("cuda", "triton", "reference")
         return ("triton", "cuda", "reference")
     return None
 

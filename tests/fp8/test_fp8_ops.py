@@ -333,6 +333,11 @@ def test_gemm_matches_float64(backend_name, m, n, k, out_dtype):
     bq, bs = _fp8_weight(n, k, seed=n + k)
     aq, as_ = ref.act_quant(_randn(m, k, seed=m + k, scale=2.0), 128)
     want = ref.fp8_block_gemm(aq, as_, bq, bs, torch.float64)
+    why = gemm_refusal(backend_name, k)
+    if why:  # an explicit request names the limit instead of falling back
+        with qk.use_backend(backend_name), pytest.raises(qk.BackendUnavailable, match=why):
+            qk.fp8_block_gemm(aq, as_, bq, bs, out_dtype=out_dtype)
+        return
     with qk.use_backend(backend_name):
         c = qk.fp8_block_gemm(aq, as_, bq, bs, out_dtype=out_dtype)
     assert qk.last_backends()["fp8_block_gemm"] == backend_name
@@ -662,22 +667,26 @@ def test_gpu_cuda_gemm_unaligned_k_falls_back():
 
 
 @pytest.mark.gpu
-def test_gpu_gemm_auto_order():
-    """Auto: no kernel without FP8 tensor cores; Triton first where FP8 MMA is wgmma/tcgen05 only
-    (sm_90, sm_100); the CUDA kernel first where mma.sync FP8 is native (sm_89, sm_120)."""
+@pytest.mark.parametrize("m", [4, 16, 17, 300])
+def test_gpu_gemm_auto_order(m):
+    """Auto: no kernel without FP8 tensor cores; on sm_90 and sm_100 (FP8 MMA through wgmma /
+    tcgen05 only, which Triton emits) Triton first, but the CUDA kernel for decode-sized calls
+    (M <= 16, memory-bound); the CUDA kernel first where mma.sync FP8 is native (sm_89, sm_120)."""
     from quickllm_kernels import _library
     q, s = _fp8_weight(128, 256, seed=78)
-    aq, as_ = ref.act_quant(_randn(4, 256, seed=79), 128)
+    aq, as_ = ref.act_quant(_randn(m, 256, seed=79), 128)
     qk.fp8_block_gemm(aq, as_, q, s)
     cap = torch.cuda.get_device_capability()
     if cap < (8, 9):
-        want = "reference"
-    elif cap[0] in (9, 10) or not _library.CUDA_EXT_LOADED:
-        want = "triton"
+        want = typical = "reference"
+    elif not _library.CUDA_EXT_LOADED:
+        want = typical = "triton"
+    elif cap[0] in (9, 10):
+        want, typical = ("cuda" if m <= 16 else "triton"), "triton"
     else:
-        want = "cuda"
+        want = typical = "cuda"
     assert qk.last_backends()["fp8_block_gemm"] == want
-    assert qk.info()["ops"]["fp8_block_gemm"]["would_use"] == want
+    assert qk.info()["ops"]["fp8_block_gemm"]["would_use"] == typical
 
 
 def test_info_lists_fp8_ops():
