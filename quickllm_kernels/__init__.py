@@ -3,7 +3,7 @@
 Every op is also `torch.ops.quickllm.<name>`, traceable by torch.compile and torch.export.
 """
 from . import _library  # noqa: F401  (loads the CUDA extension or defines the schemas)
-from .backend import BackendUnavailable, last_backends, use_backend
+from .backend import BackendUnavailable, last_backends, reload_settings, use_backend
 from .grpo import group_advantages, grpo_loss, grpo_loss_from_hidden
 from .info import info
 from .fp8 import act_quant, fp8_block_gemm, weight_dequant
@@ -17,5 +17,5 @@ __all__ = [
     "apply_rope", "rope_cache", "rope_inv_freq", "rope_softmax_scale", "token_logprobs", "linear_token_logprobs",
     "weight_dequant", "act_quant", "fp8_block_gemm", "FP8Linear",
     "group_advantages", "grpo_loss", "grpo_loss_from_hidden",
-    "use_backend", "BackendUnavailable", "last_backends", "info", "__version__",
+    "use_backend", "BackendUnavailable", "last_backends", "reload_settings", "info", "__version__",
 ]

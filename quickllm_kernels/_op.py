@@ -12,14 +12,11 @@ The schema itself lives in schemas.def, the one source C++ reads too.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Callable
 
 import torch
 
 from . import _library, backend
-
-SYNC_CHECKS = "QUICKLLM_SYNC_CHECKS"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +135,7 @@ class Op:
 def _sync_checks_wanted(device: torch.device) -> bool:
     if device.type == "cpu":
         return True
-    if os.environ.get(SYNC_CHECKS, "0") != "1":
+    if not backend.settings()["sync_checks"]:
         return False
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 

@@ -52,12 +52,27 @@ def use_backend(name: str):
         _override.reset(token)
 
 
+@functools.lru_cache(maxsize=1)
+def settings() -> dict[str, str | bool]:
+    """The process's settings from the environment, read once (not on every call of an op):
+    QUICKLLM_BACKEND, QUICKLLM_SYNC_CHECKS, TRITON_INTERPRET. After changing one of them in a running
+    process, call reload_settings(); use_backend() is the way to switch backends for a block."""
+    return {"backend": os.environ.get("QUICKLLM_BACKEND", "auto"),
+            "sync_checks": os.environ.get("QUICKLLM_SYNC_CHECKS", "0") == "1",
+            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1"}
+
+
+def reload_settings() -> None:
+    """Read QUICKLLM_BACKEND, QUICKLLM_SYNC_CHECKS and TRITON_INTERPRET again."""
+    settings.cache_clear()
+
+
 def requested_backend() -> str:
     """The backend asked for at this point: the innermost use_backend, else QUICKLLM_BACKEND, else auto."""
     name = _override.get()
     if name is not None:
         return name
-    return _check_name(os.environ.get("QUICKLLM_BACKEND", "auto"), "QUICKLLM_BACKEND")
+    return _check_name(settings()["backend"], "QUICKLLM_BACKEND")
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,7 +85,7 @@ def triton_status() -> tuple[bool, str]:
 
 
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return settings()["triton_interpret"]
 
 
 def unavailable_reason(backend: str, op: str, device: torch.device, kernel_limit: str | None = None,

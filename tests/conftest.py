@@ -58,6 +58,14 @@ def _nan_fill(t):
     return t
 
 
+@pytest.fixture(autouse=True)
+def _settings_of_the_environment():
+    """A test that changes QUICKLLM_* in the environment (and calls reload_settings) leaves the
+    next test the settings of the environment it restored."""
+    yield
+    backend.reload_settings()
+
+
 @pytest.fixture
 def nan_empty(monkeypatch):
     """torch.empty and torch.empty_like called from Python (the Triton launchers, the ops' own output

@@ -501,6 +501,7 @@ def test_gemm_backend_limits_on_cpu(monkeypatch):
     with qk.use_backend("triton"), pytest.raises(qk.BackendUnavailable, match="float64"):
         qk.fp8_block_gemm(aq, as_, bq, bs, out_dtype=torch.float64)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    qk.reload_settings()
     with qk.use_backend("triton"), pytest.raises(qk.BackendUnavailable, match="TRITON_INTERPRET=1"):
         qk.act_quant(torch.ones(2, 128))
 

@@ -507,9 +507,12 @@ def test_backend_choice_and_errors(monkeypatch):
         with qk.use_backend("cudnn"):
             pass
     monkeypatch.setenv("QUICKLLM_BACKEND", "nonsense")
+    call()  # read once: a change takes effect at reload_settings()
+    qk.reload_settings()
     with pytest.raises(ValueError, match="QUICKLLM_BACKEND"):
         call()
     monkeypatch.setenv("QUICKLLM_BACKEND", "reference")
+    qk.reload_settings()
     with qk.use_backend("auto"):  # the context manager wins over the process setting
         assert backend.requested_backend() == "auto"
     assert backend.requested_backend() == "reference"
@@ -517,6 +520,7 @@ def test_backend_choice_and_errors(monkeypatch):
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    qk.reload_settings()
     why = backend.unavailable_reason("triton", "apply_rope", torch.device("cpu"))
     if backend.triton_status()[0]:
         assert "TRITON_INTERPRET=1" in why
@@ -648,6 +652,7 @@ def test_gpu_out_of_range_positions(backend_name, monkeypatch):
         got_q, got_k = qk.apply_rope(q, k, pos, cache)  # no sync, no OOB read: NaN rows
         assert torch.isnan(got_q[[1, 2]]).all() and not torch.isnan(got_q[[0, 3]]).any()
         monkeypatch.setenv("QUICKLLM_SYNC_CHECKS", "1")
+        qk.reload_settings()
         with pytest.raises(IndexError, match="positions must lie in"):
             qk.apply_rope(q, k, pos, cache)
 
