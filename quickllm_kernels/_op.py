@@ -12,6 +12,9 @@ The schema itself lives in schemas.def, the one source C++ reads too.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
+import typing
 from typing import Callable
 
 import torch
@@ -131,6 +134,32 @@ class Op:
         self.check(*args)
         return self.fake(*args)
 
+    def compiles_to_triton(self, args) -> bool:
+        """Under torch.compile: whether this call would run on the Triton backend, decided from what
+        tracing knows (shapes, dtypes, devices, the requested backend). Where the answer depends on
+        anything else (the CUDA kernel's alignment rules, say) it is False and the call stays the
+        op itself, which chooses at run time as in eager mode."""
+        if self.triton is None or self.composite:
+            return False
+        device = self.device_of(args)
+        if device.type != "cuda":
+            return False
+        want = backend.traced_requested_backend()
+        if want not in ("auto", "triton"):
+            return False
+        self.check(*args)
+        if self.kernel_limit is not None and self.kernel_limit(*args) is not None:
+            return False
+        index = device.index if device.index is not None else 0
+        if want == "auto":
+            order = (self.auto_order(device, args) if self.auto_order else None) or ("cuda", "triton", "reference")
+            first = next(b for b in order if b == "reference" or _available(self.name, b, index))
+            if first != "triton":
+                return False
+        elif not _available(self.name, "triton", index):
+            return False
+        return self.triton.supports is None or self.triton.supports(*args) is None
+
 
 def _sync_checks_wanted(device: torch.device) -> bool:
     if device.type == "cpu":
@@ -141,6 +170,79 @@ def _sync_checks_wanted(device: torch.device) -> bool:
 
 
 OPS: dict[str, Op] = {}
+TRITON_TWINS: dict[str, Callable] = {}  # name -> quickllm::_triton_<name>, a torch.library.triton_op
+
+
+def _available(name: str, backend_name: str, index: int) -> bool:
+    """Whether `backend_name` can run op `name` on cuda:`index` for some arguments (the build, the
+    device's limits). Constant for the process: torch.compile evaluates it once while tracing."""
+    key = (name, backend_name, index)
+    if key not in _AVAILABLE:
+        _AVAILABLE[key] = OPS[name].unavailable(backend_name, torch.device("cuda", index)) is None
+    return _AVAILABLE[key]
+
+
+_AVAILABLE: dict[tuple[str, str, int], bool] = {}
+_available._dynamo_marked_constant = True  # torch.compiler.assume_constant_result, without importing dynamo
+
+
+def call(name: str, *args):
+    """torch.ops.quickllm.<name>(*args), the way every public function runs an op. Under torch.compile
+    (not torch.export, whose graphs keep the op for engines to map), a call that would run on Triton
+    goes to the op's Triton twin instead: a torch.library.triton_op whose kernels the compiled graph
+    launches itself, with no custom-op boundary and none of the op's Python dispatch."""
+    if name in TRITON_TWINS and torch.compiler.is_compiling() and not torch.compiler.is_exporting() \
+            and OPS[name].compiles_to_triton(args):
+        return TRITON_TWINS[name](*args)
+    return getattr(torch.ops.quickllm, name)(*args)
+
+
+def _mutated_args(schema: str) -> list[str]:
+    """Names of the arguments a schema writes (`Tensor(a!) q`)."""
+    return re.findall(r"Tensor\(\w+!\)\s+(\w+)", schema.split("->")[0])
+
+
+_PY_TYPES = {"Tensor": torch.Tensor, "Tensor?": typing.Optional[torch.Tensor], "int": int, "float": float,
+             "bool": bool, "str": str, "ScalarType": torch.dtype}
+
+
+def _python_signature(signature: str) -> inspect.Signature:
+    """The annotated Python signature of a schema signature `(Tensor(a!) q, int n) -> (Tensor, Tensor)`,
+    from which torch.library.infer_schema gives that schema back."""
+    args, ret = (part.strip() for part in signature.split("->"))
+    params = []
+    for arg in filter(None, (a.strip() for a in args[1:-1].split(","))):
+        typ, name = arg.rsplit(" ", 1)
+        typ = re.sub(r"\(\w+!?\)", "", typ)  # alias annotations: mutates_args says which are written
+        params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_PY_TYPES[typ]))
+    if ret == "()":
+        returns = None
+    elif ret.startswith("("):
+        returns = tuple[tuple(_PY_TYPES[r.strip()] for r in ret[1:-1].split(","))]
+    else:
+        returns = _PY_TYPES[ret]
+    return inspect.Signature(params, return_annotation=returns)
+
+
+def _define_triton_twin(op: Op) -> None:
+    """quickllm::_triton_<name>: the op's Triton implementation as a torch.library.triton_op (its
+    launches go through wrap_triton while torch.compile traces it), with the op's checks, fake and
+    autograd."""
+    from . import _launch  # noqa: PLC0415
+
+    def run(*args):
+        op.check(*args)
+        with _launch.traceable():
+            return op.triton.fn(*args)
+
+    signature = op.schema[op.schema.index("("):]  # SCHEMAS holds "name(...) -> ..."
+    run.__signature__ = _python_signature(signature)  # triton_op of torch < 2.14 infers the schema from it
+    twin = torch.library.triton_op(f"quickllm::_triton_{op.name}", run, mutates_args=_mutated_args(signature),
+                                   schema=signature)
+    twin.register_fake(op.fake_run)
+    if op.backward is not None:
+        twin.register_autograd(_same_backend_backward(op.backward), setup_context=_remember_backend(op.setup_context))
+    TRITON_TWINS[op.name] = twin
 
 
 def _remember_backend(setup_context):
@@ -174,4 +276,6 @@ def define(op: Op) -> Op:
     if op.cuda is not None:
         _library.register_twin_fake(op.name, op.fake_run)
     OPS[op.name] = op
+    if op.triton is not None and not op.composite:
+        _define_triton_twin(op)
     return op

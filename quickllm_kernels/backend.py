@@ -42,29 +42,43 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
+# The innermost open use_backend() of the process, as torch.compile's traces read it: Dynamo before
+# torch 2.14 cannot read a ContextVar, and it guards on a module global (a compiled function is traced
+# again when the block around it asks for another backend). Eager calls read the ContextVar.
+_traced_override: str | None = None
+
+
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run the ops called inside the block on backend `name` ("cuda", "triton", "reference" or "auto")."""
-    token = _override.set(_check_name(name, "use_backend(name)"))
+    global _traced_override
+    name = _check_name(name, "use_backend(name)")
+    token, prev = _override.set(name), _traced_override
+    _traced_override = name
     try:
         yield
     finally:
         _override.reset(token)
+        _traced_override = prev
 
 
-@functools.lru_cache(maxsize=1)
+_settings: dict[str, str | bool] = {}
+
+
 def settings() -> dict[str, str | bool]:
     """The process's settings from the environment, read once (not on every call of an op):
     QUICKLLM_BACKEND, QUICKLLM_SYNC_CHECKS, TRITON_INTERPRET. After changing one of them in a running
     process, call reload_settings(); use_backend() is the way to switch backends for a block."""
-    return {"backend": os.environ.get("QUICKLLM_BACKEND", "auto"),
-            "sync_checks": os.environ.get("QUICKLLM_SYNC_CHECKS", "0") == "1",
-            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1"}
+    if not _settings:
+        _settings.update(backend=os.environ.get("QUICKLLM_BACKEND", "auto"),
+                         sync_checks=os.environ.get("QUICKLLM_SYNC_CHECKS", "0") == "1",
+                         triton_interpret=os.environ.get("TRITON_INTERPRET", "0") == "1")
+    return _settings
 
 
 def reload_settings() -> None:
     """Read QUICKLLM_BACKEND, QUICKLLM_SYNC_CHECKS and TRITON_INTERPRET again."""
-    settings.cache_clear()
+    _settings.clear()
 
 
 def requested_backend() -> str:
@@ -72,6 +86,13 @@ def requested_backend() -> str:
     name = _override.get()
     if name is not None:
         return name
+    return _check_name(settings()["backend"], "QUICKLLM_BACKEND")
+
+
+def traced_requested_backend() -> str:
+    """requested_backend() as torch.compile's traces see it (process-wide: see _traced_override)."""
+    if _traced_override is not None:
+        return _traced_override
     return _check_name(settings()["backend"], "QUICKLLM_BACKEND")
 
 

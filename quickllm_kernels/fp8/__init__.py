@@ -9,12 +9,11 @@ inference ops: no autograd.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
-from .._op import Impl, Op, define
+from .._op import Impl, Op, call, define
 from . import reference as ref
 
 __all__ = ["weight_dequant", "act_quant", "fp8_block_gemm", "FP8", "FP8_MAX", "fp8_gemm_supported"]
@@ -26,9 +25,14 @@ _OUT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SCALE_FORMATS = {"fp32": False, "ue8m0": True}
 
 
-@functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
+
+
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+_capability._dynamo_marked_constant = True  # torch.compile evaluates it once while tracing
 
 
 def fp8_gemm_supported(device) -> bool:
@@ -244,7 +248,7 @@ def weight_dequant(w: torch.Tensor, scale_inv: torch.Tensor, *, block=(128, 128)
     computed as one float32 multiply per element, so every backend gives the same bits.
     """
     bm, bn = (int(v) for v in block)
-    return torch.ops.quickllm.weight_dequant(w, scale_inv, bm, bn, out_dtype)
+    return call("weight_dequant", w, scale_inv, bm, bn, out_dtype)
 
 
 def act_quant(x: torch.Tensor, *, group: int = 128, scale_format: str = "fp32"):
@@ -259,7 +263,7 @@ def act_quant(x: torch.Tensor, *, group: int = 128, scale_format: str = "fp32"):
     """
     if scale_format not in _SCALE_FORMATS:
         raise ValueError(f"act_quant: scale_format must be 'fp32' or 'ue8m0', got {scale_format!r}")
-    return torch.ops.quickllm.act_quant(x, int(group), _SCALE_FORMATS[scale_format])
+    return call("act_quant", x, int(group), _SCALE_FORMATS[scale_format])
 
 
 def fp8_block_gemm(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.Tensor, b_scales: torch.Tensor, *,
@@ -283,5 +287,5 @@ def fp8_block_gemm(a_fp8: torch.Tensor, a_scales: torch.Tensor, b_fp8: torch.Ten
     rows = math.prod(lead)
     a2 = a_fp8.reshape(rows, a_fp8.shape[-1])
     s2 = a_scales.reshape(rows, a_scales.shape[-1]) if a_scales.dim() else a_scales
-    out = torch.ops.quickllm.fp8_block_gemm(a2, s2, b_fp8, b_scales, out_dtype)
+    out = call("fp8_block_gemm", a2, s2, b_fp8, b_scales, out_dtype)
     return out.view(*lead, b_fp8.shape[0])

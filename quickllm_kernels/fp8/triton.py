@@ -13,13 +13,12 @@ are 64-bit.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import tuning
+from .._launch import launch, on
 
 FP8_MAX = tl.constexpr(448.0)
 ACT_EPS = tl.constexpr(1e-10)
@@ -28,10 +27,6 @@ ACT_EPS = tl.constexpr(1e-10)
 # and the 128x128 tile spills (ptxas 12.9, sm_90): a cost no GPU run has weighed yet.
 IMPRECISE_ACC = tl.constexpr(128)
 
-
-def _on(device):
-    """Launch on the tensors' GPU, not whichever is current."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @triton.jit
@@ -88,10 +83,10 @@ def weight_dequant(w, scale_inv, block, out_dtype):
     out = torch.empty(M, N, dtype=out_dtype, device=w.device)
     if out.numel():
         BM, BN = 32, 128
-        with _on(w.device):
-            _dequant_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](
-                w.view(torch.uint8), scale_inv, out, M, N, w.stride(0), scale_inv.stride(0), scale_inv.stride(1),
-                block[0], block[1], BM=BM, BN=BN, num_warps=4)
+        with on(w.device):
+            launch(_dequant_kernel, (triton.cdiv(M, BM) * triton.cdiv(N, BN),), w.view(torch.uint8), scale_inv, out,
+                   M, N, w.stride(0), scale_inv.stride(0), scale_inv.stride(1), block[0], block[1], BM=BM, BN=BN,
+                   num_warps=4)
     return out
 
 
@@ -185,10 +180,9 @@ def act_quant(x2, group: int, ue8m0: bool):
         width = min(group, K)  # a group never holds more than K values
         BG = min(triton.next_power_of_2(width), _MAX_GROUP_TILE)
         BR = max(1, min(64, 2048 // BG))
-        with _on(x2.device):
-            _act_quant_kernel[(triton.cdiv(R, BR) * G,)](x2, q.view(torch.uint8), s, R, K, G, x2.stride(0), group,
-                                                         UE8M0=ue8m0, BR=BR, BG=BG, ONE_TILE=BG >= width,
-                                                         num_warps=4)
+        with on(x2.device):
+            launch(_act_quant_kernel, (triton.cdiv(R, BR) * G,), x2, q.view(torch.uint8), s, R, K, G, x2.stride(0),
+                   group, UE8M0=ue8m0, BR=BR, BG=BG, ONE_TILE=BG >= width, num_warps=4)
     return q, s
 
 
@@ -274,8 +268,8 @@ def fp8_block_gemm(a, a_scales, b, b_scales, out_dtype, config: dict | None = No
     cfg = _check_gemm_config(config)
     BM, BN, warps, stages = cfg["BM"], cfg["BN"], cfg["num_warps"], cfg["num_stages"]
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-    with _on(a.device):
-        _gemm_kernel[grid](a, a_scales, b, b_scales, c, M, N, K, a.stride(0), b.stride(0), a_scales.stride(0),
-                           a_scales.stride(1), b_scales.stride(0), b_scales.stride(1), BM=BM, BN=BN, BK=128,
-                           GROUP_M=8, num_warps=warps, num_stages=stages)
+    with on(a.device):
+        launch(_gemm_kernel, grid, a, a_scales, b, b_scales, c, M, N, K, a.stride(0), b.stride(0), a_scales.stride(0),
+               a_scales.stride(1), b_scales.stride(0), b_scales.stride(1), BM=BM, BN=BN, BK=128, GROUP_M=8,
+               num_warps=warps, num_stages=stages)
     return c

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .._op import Impl, Op, define
+from .._op import Impl, Op, call, define
 from . import reference as ref
 
 __all__ = ["token_logprobs", "linear_token_logprobs"]
@@ -114,8 +114,8 @@ def _backward(ctx, g_lp, g_ent, _g_lse):
     logits, token_ids, lse, entropy = ctx.saved_tensors
     g_lp = torch.zeros_like(lse) if g_lp is None else g_lp
     g_ent = torch.zeros_like(lse) if g_ent is None else g_ent
-    grad = torch.ops.quickllm.token_logprobs_backward(g_lp, g_ent, logits, token_ids, lse, entropy,
-                                                      ctx.temperature, ctx.ignore_index)
+    grad = call("token_logprobs_backward", g_lp, g_ent, logits, token_ids, lse, entropy,
+                ctx.temperature, ctx.ignore_index)
     return grad, None, None, None
 
 
@@ -145,7 +145,7 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature
     """
     if token_ids.dtype == torch.int32:
         token_ids = token_ids.long()
-    lp, ent, _ = torch.ops.quickllm.token_logprobs(logits, token_ids, float(temperature), int(ignore_index))
+    lp, ent, _ = call("token_logprobs", logits, token_ids, float(temperature), int(ignore_index))
     return (lp, ent) if return_entropy else lp
 
 
@@ -198,7 +198,7 @@ def _lin_fwd_impl(hidden, weight, bias, token_ids, temperature, ignore_index, ch
     lp, ent, lse = (torch.empty(n, dtype=out_dtype, device=hidden.device) for _ in range(3))
     for r0, r1 in _chunks(n, chunk_rows):
         logits = torch.nn.functional.linear(hidden[r0:r1], weight, bias)  # [C, V], the only big buffer
-        outs = torch.ops.quickllm.token_logprobs(logits, token_ids[r0:r1], temperature, ignore_index)
+        outs = call("token_logprobs", logits, token_ids[r0:r1], temperature, ignore_index)
         del logits  # freed before the next chunk's logits are made, not after
         for dst, src in zip((lp, ent, lse), outs):
             dst[r0:r1] = src
@@ -220,9 +220,9 @@ def _lin_bwd_impl(grad_logprobs, grad_entropy, hidden, weight, bias, token_ids, 
     for r0, r1 in _chunks(hidden.shape[0], chunk_rows):
         h = hidden[r0:r1]
         logits = torch.nn.functional.linear(h, weight, bias)  # recomputed, not stored
-        g = torch.ops.quickllm.token_logprobs_backward(grad_logprobs[r0:r1], grad_entropy[r0:r1], logits,
-                                                       token_ids[r0:r1], lse[r0:r1], entropy[r0:r1],
-                                                       temperature, ignore_index)  # [C, V]
+        g = call("token_logprobs_backward", grad_logprobs[r0:r1], grad_entropy[r0:r1], logits,
+                 token_ids[r0:r1], lse[r0:r1], entropy[r0:r1],
+                 temperature, ignore_index)  # [C, V]
         del logits  # only g from here on
         torch.mm(g, weight, out=grad_hidden[r0:r1])
         grad_weight.addmm_(g.t(), h)
@@ -255,8 +255,8 @@ def _lin_backward(ctx, g_lp, g_ent, _g_lse):
     hidden, weight, bias, token_ids, lse, entropy = ctx.saved_tensors
     g_lp = torch.zeros_like(lse) if g_lp is None else g_lp
     g_ent = torch.zeros_like(lse) if g_ent is None else g_ent
-    gh, gw, gb = torch.ops.quickllm.linear_token_logprobs_backward(g_lp, g_ent, hidden, weight, bias, token_ids,
-                                                                   lse, entropy, *ctx.args)
+    gh, gw, gb = call("linear_token_logprobs_backward", g_lp, g_ent, hidden, weight, bias, token_ids,
+                      lse, entropy, *ctx.args)
     return gh, gw, (gb if bias is not None else None), None, None, None, None
 
 
@@ -285,6 +285,6 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids:
     """
     if token_ids.dtype == torch.int32:
         token_ids = token_ids.long()
-    lp, ent, _ = torch.ops.quickllm.linear_token_logprobs(hidden, weight, bias, token_ids, float(temperature),
-                                                          int(ignore_index), int(chunk_rows))
+    lp, ent, _ = call("linear_token_logprobs", hidden, weight, bias, token_ids, float(temperature),
+                      int(ignore_index), int(chunk_rows))
     return (lp, ent) if return_entropy else lp

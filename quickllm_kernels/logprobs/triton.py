@@ -4,11 +4,11 @@ Same semantics as logprobs/reference.py. Logits come as [B, S, V] with any B and
 last stride; offsets are 64-bit (rows x V can pass 2**31)."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from .._launch import launch, on
 
 
 @triton.jit
@@ -70,10 +70,6 @@ def _bwd_kernel(g_lp, g_ent, logits, ids, lse_in, ent_in, grad, S, sb, ss, V, te
         tl.store(out + offs, (g / temperature).to(grad.dtype.element_ty), mask=mask)
 
 
-def _on(device):
-    """Launch on the tensors' GPU, not whichever is current."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
 
 def _block(V):
     return min(4096, triton.next_power_of_2(max(V, 16)))
@@ -85,9 +81,9 @@ def token_logprobs(logits3, ids, temperature: float, ignore_index: int):
     n = B * S
     lp, ent, lse = (torch.empty(n, dtype=torch.float32, device=logits3.device) for _ in range(3))
     if n:
-        with _on(logits3.device):
-            _fwd_kernel[(n,)](logits3, ids, lp, ent, lse, S, logits3.stride(0), logits3.stride(1), V,
-                              float(temperature), ignore_index, BLOCK_V=_block(V))
+        with on(logits3.device):
+            launch(_fwd_kernel, (n,), logits3, ids, lp, ent, lse, S, logits3.stride(0), logits3.stride(1), V,
+                   float(temperature), ignore_index, BLOCK_V=_block(V))
     return lp, ent, lse
 
 
@@ -97,7 +93,7 @@ def token_logprobs_backward(g_lp, g_ent, logits3, ids, lse, ent, temperature: fl
     n = B * S
     grad = torch.empty(n, V, dtype=logits3.dtype, device=logits3.device)
     if n:
-        with _on(logits3.device):
-            _bwd_kernel[(n,)](g_lp, g_ent, logits3, ids, lse, ent, grad, S, logits3.stride(0), logits3.stride(1), V,
-                              float(temperature), ignore_index, BLOCK_V=_block(V))
+        with on(logits3.device):
+            launch(_bwd_kernel, (n,), g_lp, g_ent, logits3, ids, lse, ent, grad, S, logits3.stride(0),
+                   logits3.stride(1), V, float(temperature), ignore_index, BLOCK_V=_block(V))
     return grad

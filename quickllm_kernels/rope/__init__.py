@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .._op import Impl, Op, define
+from .._op import Impl, Op, call, define
 from . import reference as ref
 
 __all__ = ["rope_cache", "rope_inv_freq", "rope_softmax_scale", "apply_rope"]
@@ -270,8 +270,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_q, grad_k):
     # A rotation's adjoint is the rotation by the negative angle: the same op with `inverse` flipped.
     positions, cos_sin_cache = ctx.saved_tensors
-    gq, gk = torch.ops.quickllm.apply_rope(grad_q, grad_k, positions, cos_sin_cache,
-                                           ctx.is_neox, not ctx.inverse)
+    gq, gk = call("apply_rope", grad_q, grad_k, positions, cos_sin_cache,
+                  ctx.is_neox, not ctx.inverse)
     return gq, gk, None, None, None, None
 
 
@@ -309,13 +309,13 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_si
     if cos_sin_cache.requires_grad and torch.is_grad_enabled():
         raise ValueError("apply_rope: cos_sin_cache gets no gradient; pass cos_sin_cache.detach()")
     if not inplace:
-        return tuple(torch.ops.quickllm.apply_rope(q, k, positions, cos_sin_cache, is_neox, False))
+        return tuple(call("apply_rope", q, k, positions, cos_sin_cache, is_neox, False))
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         # The in-place kernel has no autograd formula of its own: rotate out of place, then copy_
         # (which autograd tracks) so gradients still flow.
-        q_rot, k_rot = torch.ops.quickllm.apply_rope(q, k, positions, cos_sin_cache, is_neox, False)
+        q_rot, k_rot = call("apply_rope", q, k, positions, cos_sin_cache, is_neox, False)
         q.copy_(q_rot)
         k.copy_(k_rot)
         return q, k
-    torch.ops.quickllm.apply_rope_(q, k, positions, cos_sin_cache, is_neox, False)
+    call("apply_rope_", q, k, positions, cos_sin_cache, is_neox, False)
     return q, k

@@ -7,11 +7,11 @@ is free, so q and k can be views into one fused qkv tensor.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from .._launch import launch, on
 
 
 @triton.jit
@@ -88,8 +88,9 @@ def _launch(q, k, q_out, k_out, positions, cos_sin_cache, is_neox, inverse, copy
     half = cos_sin_cache.shape[1] // 2
     tail = q.shape[-1] - 2 * half
     hq, hk = q.shape[-2], k.shape[-2]
-    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():  # q's GPU
-        _rope_kernel[(tokens,)](
+    with on(q.device):
+        launch(
+            _rope_kernel, (tokens,),
             q, k, q_out, k_out, positions.contiguous(), cos_sin_cache.contiguous(), seq,
             cos_sin_cache.shape[0], -1.0 if inverse else 1.0,
             *_bsh(q), *_bsh(q_out), *_bsh(k), *_bsh(k_out),
