@@ -62,12 +62,15 @@ def _cuda_extension():
     )
     exts = [ext]
     if cfg["sources_sm90a"]:
+        # Hopper-only kernels: sm_90a machine code alone, registrations only (the `_cuda_` schemas
+        # come from _C), imported after _C on an sm_90 GPU (quickllm_kernels/_library.py)
         exts.append(CUDAExtension(
             name="quickllm_kernels._C_sm90a",
-            sources=cfg["sources_sm90a"],
+            sources=cfg["sources_sm90a"] + ["csrc/common/module_sm90a.cpp"],
             include_dirs=include,
+            define_macros=[("QUICKLLM_PYTHON_MODULE", None)],
             extra_compile_args={"cxx": cfg["cxx_flags"],
-                                "nvcc": cfg["nvcc_flags"] + ["-gencode=arch=compute_90a,code=sm_90a"]},
+                                "nvcc": cfg["nvcc_flags"] + qbuild.gencode_flags(["90a"])},
         ))
     jobs = os.environ.get("MAX_JOBS")
     return exts, {"build_ext": BuildExtension.with_options(use_ninja=True, parallel=int(jobs) if jobs else None)}

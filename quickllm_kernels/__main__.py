@@ -67,6 +67,9 @@ def _build_cmd(archs, verbose):
     arch_list = _build.parse_archs(archs, native=_build.local_arch()) if archs else None
     try:
         path = _build.jit_build(arch_list, verbose=verbose, log=print)
+        targets = arch_list or _build.archs(_build.config(), prefer_local=True)
+        if _build.config().get("sources_sm90a") and any(a.startswith("90") for a in targets):
+            print(_build.jit_build(verbose=verbose, log=print, variant="sm90a"), "(sm_90a kernels, loaded after it on sm_90)")
     except RuntimeError as e:
         print(e, file=sys.stderr)
         return 1

@@ -164,14 +164,26 @@ def cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "quickllm_kernels"
 
 
-def jit_plan(arch_list: list[str] | None = None) -> dict:
-    """Sources, flags and the cache location of the just-in-time build for these architectures."""
+# The libraries of csrc/build.json: the kernels of every architecture, and the Hopper-only kernels
+# (wgmma, TMA, setmaxnreg: sm_90a machine code, which runs on sm_90 alone), a library of their own
+# that holds registrations only (its `_cuda_` schemas come from the first) and loads after it.
+VARIANTS = {"main": ("sources", "quickllm_kernels_cuda"), "sm90a": ("sources_sm90a", "quickllm_kernels_cuda_sm90a")}
+
+
+def jit_plan(arch_list: list[str] | None = None, *, variant: str = "main", root: Path | None = None,
+             cfg: dict | None = None) -> dict:
+    """Sources, flags and the cache location of the just-in-time build for these architectures.
+    variant "sm90a" builds build.json's `sources_sm90a` for sm_90a alone. root, cfg: another source
+    tree and its build.json (tests)."""
     import torch
 
-    root = source_root()
-    cfg = config(root)
+    root = root or source_root()
+    cfg = cfg or config(root)
+    key, name = VARIANTS[variant]
+    if variant == "sm90a":
+        arch_list = ["90a"]
     arch_list = arch_list or archs(cfg, prefer_local=True)
-    sources = [str(root / s) for s in cfg["sources"]]
+    sources = [str(root / s) for s in cfg[key]]
     nvcc_flags = cfg["nvcc_flags"] + gencode_flags(arch_list)
     digest = hashlib.sha256()
     # every file of csrc/ (sources, shared headers, build.json) and the schemas: any edit is a new key
@@ -183,8 +195,8 @@ def jit_plan(arch_list: list[str] | None = None) -> dict:
     for part in (cfg["cxx_flags"], nvcc_flags, torch.__version__, torch.version.cuda, sys.version_info[:2],
                  nvcc_path()):
         digest.update(repr(part).encode())
+    digest.update(repr(sources).encode())
     tag = "_".join(arch_list) + "-" + digest.hexdigest()[:16]
-    name = "quickllm_kernels_cuda"
     directory = cache_dir() / f"torch{torch.__version__.split('+')[0]}-cu{torch.version.cuda}-{tag}"
     include = list(dict.fromkeys([str(root), str(PACKAGE.parent)]))
     # The wheels' CUDA headers are searched after the toolkit's (-isystem, after torch's own), so they
@@ -195,14 +207,15 @@ def jit_plan(arch_list: list[str] | None = None) -> dict:
                 directory=directory, build_dir=directory / "build", library=directory / f"{name}.so")
 
 
-def jit_build(arch_list: list[str] | None = None, *, verbose: bool = False, log=None) -> Path:
+def jit_build(arch_list: list[str] | None = None, *, verbose: bool = False, log=None, variant: str = "main",
+              root: Path | None = None, cfg: dict | None = None) -> Path:
     """Compile (or find in the cache) the CUDA kernels for `arch_list` and return the library's path.
     The compiler runs in a child process that sees the toolkit found by cuda_home(), so neither
     CUDA_HOME nor CPATH has to be set; loading the library is the caller's job."""
     why = build_unavailable()
     if why:
         raise RuntimeError(f"cannot build the CUDA kernels: {why}")
-    plan = jit_plan(arch_list)
+    plan = jit_plan(arch_list, variant=variant, root=root, cfg=cfg)
     if plan["library"].is_file():
         return plan["library"]
     plan["directory"].mkdir(parents=True, exist_ok=True)

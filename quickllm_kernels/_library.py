@@ -79,9 +79,60 @@ def _build_mode() -> str:
 def _loaded(path: str, how: str) -> None:
     global CUDA_EXT_LOADED, CUDA_EXT_STATUS, CUDA_EXT_PATH
     CUDA_EXT_LOADED, CUDA_EXT_STATUS, CUDA_EXT_PATH = True, f"loaded ({how}: {path})", path
-    for name, fake in _twin_fakes.items():
-        if has_cuda_kernel(name):
+    _register_twin_fakes()
+
+
+def _register_twin_fakes() -> None:
+    _has_kernel.clear()
+    for name, fake in list(_twin_fakes.items()):
+        if has_cuda_kernel(name) and name not in _fakes_registered:
             torch.library.register_fake(f"quickllm::_cuda_{name}", fake, lib=LIB)
+            _fakes_registered.add(name)
+
+
+_fakes_registered: set[str] = set()
+
+# The Hopper-only library (build.json's sources_sm90a, sm_90a machine code): registrations of
+# `_cuda_` ops that the main library defines, loaded after it on an sm_90 GPU.
+SM90A_STATUS = "not loaded"
+_sm90a_done = False
+
+
+def _load_sm90a(build: bool, log) -> None:
+    global SM90A_STATUS, _sm90a_done
+    arch = _build.local_arch()
+    if arch != "90":
+        SM90A_STATUS = f"not loaded: sm_90a code runs on sm_90 GPUs only (here: {'sm_' + arch if arch else 'no GPU'})"
+        _sm90a_done = True
+        return
+    try:
+        mod = importlib.import_module("quickllm_kernels._C_sm90a")
+    except (ImportError, OSError):
+        mod = None
+    if mod is not None:
+        SM90A_STATUS, _sm90a_done = f"loaded (ahead-of-time build: {getattr(mod, '__file__', mod.__name__)})", True
+        _register_twin_fakes()
+        return
+    root = _build.source_root()
+    if root is None or not _build.config(root).get("sources_sm90a"):
+        SM90A_STATUS, _sm90a_done = "not loaded: this version has no sm_90a kernels", True
+        return
+    plan = _build.jit_plan(variant="sm90a", root=root)
+    if not build and not plan["library"].is_file():
+        SM90A_STATUS = "not built yet: compiled on first CUDA use (or `python -m quickllm_kernels build`)"
+        return
+    _sm90a_done = True
+    try:
+        path = _build.jit_build(variant="sm90a", root=root, log=log)
+        torch.ops.load_library(str(path))
+    except Exception as e:  # its ops fall back like any CUDA kernel that is missing
+        SM90A_STATUS = f"sm_90a build failed: {e}"
+        if _build_mode() == "1":
+            raise
+        print(f"quickllm_kernels: {SM90A_STATUS}", file=sys.stderr)
+        return
+    SM90A_STATUS = f"loaded (just-in-time build: {path})"
+    _register_twin_fakes()
 
 
 def _load_ahead_of_time() -> None:
@@ -100,6 +151,10 @@ def ensure_cuda_extension(*, build: bool = True, log=None) -> bool:
     Returns whether they are loaded; CUDA_EXT_STATUS says why not."""
     global CUDA_EXT_STATUS, _tried_jit
     if CUDA_EXT_LOADED or (_tried_jit and build):
+        if CUDA_EXT_LOADED and not _sm90a_done:
+            with _lock:
+                if not _sm90a_done:
+                    _load_sm90a(build, log or _stderr)
         return CUDA_EXT_LOADED
     with _lock:
         if CUDA_EXT_LOADED or (_tried_jit and build):
@@ -123,7 +178,7 @@ def ensure_cuda_extension(*, build: bool = True, log=None) -> bool:
                                    f"use (or `python -m quickllm_kernels build`)")
                 return False
             _tried_jit = True
-            path = _build.jit_build(log=log or (lambda msg: print(msg, file=sys.stderr, flush=True)))
+            path = _build.jit_build(log=log or _stderr)
             torch.ops.load_library(str(path))
         except Exception as e:  # a failed build leaves the Triton and reference backends working
             CUDA_EXT_STATUS = f"just-in-time build failed: {e}"
@@ -133,19 +188,31 @@ def ensure_cuda_extension(*, build: bool = True, log=None) -> bool:
                   f"backend (QUICKLLM_BUILD_CUDA=0 skips the build)", file=sys.stderr)
             return False
         _loaded(str(path), "just-in-time build")
+        _load_sm90a(build, log or _stderr)
         return True
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def register_twin_fake(name: str, fake) -> None:
     """Fake kernel of `_cuda_<name>`, registered now or whenever the CUDA kernels load."""
     _twin_fakes[name] = fake
-    if has_cuda_kernel(name):
-        torch.library.register_fake(f"quickllm::_cuda_{name}", fake, lib=LIB)
+    _register_twin_fakes()
 
 
 def has_cuda_kernel(name: str) -> bool:
-    """Whether the loaded CUDA kernels include one for op `name`."""
-    return CUDA_EXT_LOADED and name not in COMPOSITE and hasattr(torch.ops.quickllm, f"_cuda_{name}")
+    """Whether the loaded CUDA kernels (either library) include one for op `name`."""
+    if not CUDA_EXT_LOADED or name in COMPOSITE:
+        return False
+    if name not in _has_kernel:
+        _has_kernel[name] = (hasattr(torch.ops.quickllm, f"_cuda_{name}") and
+                             torch._C._dispatch_has_kernel_for_dispatch_key(f"quickllm::_cuda_{name}", "CUDA"))
+    return _has_kernel[name]
+
+
+_has_kernel: dict[str, bool] = {}  # cleared whenever a library loads
 
 
 def cuda_kernel(name: str):

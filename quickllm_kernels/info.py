@@ -28,6 +28,7 @@ def info() -> dict:
         "torch_cuda": torch.version.cuda,
         "triton": triton_why,
         "cuda_extension": _library.CUDA_EXT_STATUS,
+        "sm90a_kernels": _library.SM90A_STATUS,
         "device": (f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"
                    if dev.type == "cuda" else "cpu (no CUDA device)"),
         "requested_backend": backend.requested_backend(),
@@ -58,6 +59,7 @@ def format_info(report: dict | None = None) -> str:
              f"torch            {r['torch']} (CUDA {r['torch_cuda']})",
              f"triton           {r['triton']}",
              f"CUDA extension   {r['cuda_extension']}",
+             f"sm_90a kernels   {r['sm90a_kernels']}",
              f"device           {r['device']}",
              f"backend request  {r['requested_backend']}"]
     for k, v in r["env"].items():

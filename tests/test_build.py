@@ -1,6 +1,9 @@
 """Building and loading the CUDA kernels: architecture selection, toolkit discovery, the strict schema
-source, the just-in-time library loaded late into a process, and a failed build falling back."""
+source, the just-in-time library loaded late into a process, a failed build falling back, and the
+sm_90a library (built for sm_90a alone, registrations only, loaded after the main one on sm_90)."""
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +180,85 @@ def test_jit_key_covers_shared_headers(tmp_path, monkeypatch):
     before = _build.jit_plan(["90"])["directory"]
     (root / "csrc" / "common" / "vec.cuh").write_text((root / "csrc" / "common" / "vec.cuh").read_text() + "\n// x\n")
     assert _build.jit_plan(["90"])["directory"] != before
+
+
+# ------------------------------------------------------------------------------------------------
+# The sm_90a library: Hopper-only kernels, registrations only, loaded after the main library
+# ------------------------------------------------------------------------------------------------
+
+_PROBE = r"""
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+// setmaxnreg exists on sm_90a only: this file compiles for no other target.
+__global__ void probe_kernel(float* out) {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  out[threadIdx.x] = 90.f;
+}
+
+at::Tensor probe(const at::Tensor& x) {
+  auto out = at::empty({128}, x.options().dtype(at::kFloat));
+  probe_kernel<<<1, 128, 0, at::cuda::getCurrentCUDAStream()>>>(out.data_ptr<float>());
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(quickllm_probe, CUDA, m) { m.impl("probe", &probe); }
+"""
+
+
+@pytest.fixture(scope="module")
+def sm90a_probe_library(tmp_path_factory):
+    """A source tree whose build.json lists one sm_90a source, built the way the package builds its
+    sm_90a library (the just-in-time build's variant "sm90a")."""
+    if _build.build_unavailable():
+        pytest.skip(_build.build_unavailable())
+    root = tmp_path_factory.mktemp("sm90a")
+    (root / "csrc" / "probe").mkdir(parents=True)
+    (root / "csrc" / "probe" / "probe.cu").write_text(_PROBE)
+    cfg = {**_build.config(), "sources": [], "sources_sm90a": ["csrc/probe/probe.cu"]}
+    (root / "csrc" / "build.json").write_text(json.dumps(cfg))
+    plan = _build.jit_plan(variant="sm90a", root=root, cfg=cfg)
+    assert plan["archs"] == ["90a"]
+    assert [f for f in plan["nvcc_flags"] if f.startswith("-gencode")] == ["-gencode=arch=compute_90a,code=sm_90a"]
+    assert plan["library"].name == "quickllm_kernels_cuda_sm90a.so"
+    return root, cfg, _build.jit_build(variant="sm90a", root=root, cfg=cfg)
+
+
+def test_sm90a_library_builds_links_and_registers(sm90a_probe_library):
+    """It compiles for sm_90a alone (an sm_90a-only instruction compiles, no other machine code is in
+    the library), links against torch, and registers its kernels for ops that another library defines."""
+    _, _, path = sm90a_probe_library  # built: ptxas took setmaxnreg, so every target was sm_90a
+    cuobjdump = Path(_build.cuda_home(), "bin", "cuobjdump")
+    if cuobjdump.exists():  # where the toolkit has it, the library's machine code says so itself
+        elf = subprocess.run([str(cuobjdump), "--list-elf", str(path)], capture_output=True, text=True)
+        assert elf.returncode == 0, elf.stderr
+        assert set(re.findall(r"sm_\d+a?", elf.stdout)) == {"sm_90a"}, elf.stdout
+    code = ("import torch\n"
+            "lib = torch.library.Library('quickllm_probe', 'DEF')\n"
+            "lib.define('probe(Tensor x) -> Tensor')\n"
+            f"torch.ops.load_library({str(path)!r})\n"
+            "assert torch._C._dispatch_has_kernel_for_dispatch_key('quickllm_probe::probe', 'CUDA')\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_sm90a_library_loads_after_the_main_one_on_sm90_only(sm90a_probe_library, monkeypatch):
+    root, cfg, path = sm90a_probe_library
+    monkeypatch.setattr(_library, "CUDA_EXT_LOADED", True)
+    monkeypatch.setattr(_build, "source_root", lambda: root)
+    monkeypatch.setattr(_build, "config", lambda r=None: cfg)
+    monkeypatch.setitem(sys.modules, "quickllm_kernels._C_sm90a", None)  # no ahead-of-time module
+    for arch, want in (("89", "not loaded: sm_90a code runs on sm_90 GPUs only (here: sm_89)"), (None, "no GPU")):
+        monkeypatch.setattr(_build, "local_arch", lambda a=arch: a)
+        monkeypatch.setattr(_library, "_sm90a_done", False)
+        _library._load_sm90a(True, print)
+        assert want in _library.SM90A_STATUS and _library._sm90a_done
+    probe_def = torch.library.Library("quickllm_probe", "DEF")  # what the main library would define
+    probe_def.define("probe(Tensor x) -> Tensor")
+    monkeypatch.setattr(_build, "local_arch", lambda: "90")
+    monkeypatch.setattr(_library, "_sm90a_done", False)
+    _library._load_sm90a(True, print)
+    assert _library.SM90A_STATUS == f"loaded (just-in-time build: {path})"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("quickllm_probe::probe", "CUDA")
