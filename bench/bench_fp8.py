@@ -29,7 +29,7 @@ import math
 import torch
 
 import quickllm_kernels as qk
-from common import Case, compiled, on_backend, unavailable
+from common import Case, Check, compiled, fp8_bits, on_backend, rand, unavailable
 from quickllm_kernels.fp8 import reference as ref
 
 DEQUANT_CASES = {"w1_gate_up_18432x7168": (18432, 7168), "w2_down_7168x18432": (7168, 18432),
@@ -193,3 +193,81 @@ def cases(device, smoke: bool = False) -> list[Case]:
                            "vs_cublas_bf16": "cuBLAS bf16"},
                 extra=dict(M=m, N=n, K=k)))
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The GPU check's smoke cases (bench/smoke.py) and the Triton compile test's calls
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_dequant_make(dev, small):
+    m, n = (200, 300) if small else (7168, 2048)
+    q, s = ref.weight_quant(torch.randn(m, n, device=dev))
+    return dict(q=q, s=s)
+
+
+def _check_dequant_refresh(x):
+    q, s = ref.weight_quant(torch.randn(x["q"].shape, device=x["q"].device))
+    x["q"].copy_(q)
+    x["s"].copy_(s)
+
+
+def _check_act_make(dev, small):
+    t, k = (19, 300) if small else (4096, 7168)
+    return dict(x=rand(t, k, dtype=torch.bfloat16, device=dev))
+
+
+def _check_act_refresh(x):
+    x["x"].copy_(torch.randn_like(x["x"], dtype=torch.float32))
+
+
+def _check_gemm_make(dev, small):
+    m, n, k = (33, 200, 256) if small else (1000, 2048, 7168)
+    aq, as_ = ref.act_quant(torch.randn(m, k, device=dev), 128)
+    bq, bs = ref.weight_quant(torch.randn(n, k, device=dev))
+    return dict(aq=aq, as_=as_, bq=bq, bs=bs)
+
+
+def _check_gemm_refresh(x):
+    aq, as_ = ref.act_quant(torch.randn(x["aq"].shape, device=x["aq"].device), 128)
+    x["aq"].copy_(aq)
+    x["as_"].copy_(as_)
+
+
+CHECKS = {
+    "weight_dequant": Check("weight_dequant", _check_dequant_make, lambda x: (qk.weight_dequant(x["q"], x["s"]),),
+                            "exact-gpu", _check_dequant_refresh),
+    "act_quant fp32": Check("act_quant", _check_act_make, lambda x: tuple(map(fp8_bits, qk.act_quant(x["x"]))),
+                            "exact", _check_act_refresh),
+    "act_quant ue8m0": Check("act_quant", _check_act_make,
+                             lambda x: tuple(map(fp8_bits, qk.act_quant(x["x"], scale_format="ue8m0"))), "exact",
+                             _check_act_refresh),
+    "fp8_block_gemm": Check("fp8_block_gemm", _check_gemm_make,
+                            lambda x: (qk.fp8_block_gemm(x["aq"], x["as_"], x["bq"], x["bs"]),), "rel",
+                            _check_gemm_refresh),
+}
+
+
+def _dequant_calls(g):
+    for out_dtype in (torch.bfloat16, torch.float32):
+        w = torch.randn(300, 260, generator=g).to(torch.float8_e4m3fn)
+        qk.weight_dequant(w, torch.ones(3, 3), out_dtype=out_dtype)
+
+
+def _act_quant_calls(g):
+    for xdtype in (torch.bfloat16, torch.float16, torch.float32):
+        x = torch.randn(5, 300, generator=g).to(xdtype)
+        for group, fmt in ((128, "fp32"), (128, "ue8m0"), (64, "fp32")):
+            qk.act_quant(x, group=group, scale_format=fmt)
+        qk.act_quant(torch.randn(2, 9000, generator=g).to(xdtype), group=5000)  # wider than one tile: two passes
+
+
+def _gemm_calls(g):
+    for m in (1, 16, 64, 300):
+        for out_dtype in (torch.bfloat16, torch.float32):
+            a = torch.randn(m, 256, generator=g).to(torch.float8_e4m3fn)
+            b = torch.randn(200, 256, generator=g).to(torch.float8_e4m3fn)
+            qk.fp8_block_gemm(a, torch.ones(m, 2), b, torch.ones(2, 2), out_dtype=out_dtype)
+
+
+TRITON_EXAMPLES = {"weight_dequant": _dequant_calls, "act_quant": _act_quant_calls, "fp8_block_gemm": _gemm_calls}

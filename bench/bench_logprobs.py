@@ -19,7 +19,7 @@ import functools
 import torch
 
 import quickllm_kernels as qk
-from common import Case, compiled, on_backend, unavailable
+from common import Case, Check, compiled, on_backend, rand, unavailable
 from quickllm_kernels.logprobs import reference as ref
 
 TOKEN_CASES = {
@@ -141,3 +141,67 @@ def cases(device, smoke: bool = False) -> list[Case]:
             baselines={"vs_reference": "unfused (full logits)", "vs_compiled": "torch.compile(unfused)"},
             peak_memory=n * v * 2))
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The GPU check's smoke cases (bench/smoke.py) and the Triton compile test's calls
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_lp_make(dev, small):
+    n, v = (19, 1000) if small else (512, 151936)
+    logits = rand(n, v, dtype=torch.bfloat16, device=dev, scale=3.0).requires_grad_()
+    ids = torch.randint(0, v, (n,), device=dev)
+    ids[::7] = -100
+    return dict(logits=logits, ids=ids, g=torch.randn(n, device=dev), ge=torch.randn(n, device=dev))
+
+
+def _check_lp_run(x):
+    x["logits"].grad = None
+    with torch.enable_grad():
+        lp, ent = qk.token_logprobs(x["logits"], x["ids"], temperature=0.7, return_entropy=True)
+        (grad,) = torch.autograd.grad((lp * x["g"]).sum() + (ent * x["ge"]).sum(), x["logits"])
+    return lp, ent, grad
+
+
+def _check_lp_refresh(x):
+    with torch.no_grad():
+        x["logits"].copy_(torch.randn_like(x["logits"], dtype=torch.float32) * 3)
+
+
+def _check_lin_make(dev, small):
+    n, h, v = (33, 64, 300) if small else (1024, 3584, 32768)
+    return dict(hidden=rand(n, h, dtype=torch.bfloat16, device=dev).requires_grad_(),
+                weight=rand(v, h, dtype=torch.bfloat16, device=dev, scale=h ** -0.5).requires_grad_(),
+                ids=torch.randint(0, v, (n,), device=dev), g=torch.randn(n, device=dev))
+
+
+def _check_lin_run(x):
+    with torch.enable_grad():
+        lp, ent = qk.linear_token_logprobs(x["hidden"], x["weight"], x["ids"], return_entropy=True)
+        gh, gw = torch.autograd.grad((lp * x["g"]).sum() + ent.sum(), (x["hidden"], x["weight"]))
+    return lp, ent, gh, gw
+
+
+def _check_lin_refresh(x):
+    with torch.no_grad():
+        x["hidden"].copy_(torch.randn_like(x["hidden"], dtype=torch.float32))
+
+
+CHECKS = {
+    "token_logprobs fwd+bwd": Check("token_logprobs", _check_lp_make, _check_lp_run, "rel", _check_lp_refresh),
+    "linear_token_logprobs fwd+bwd": Check("token_logprobs", _check_lin_make, _check_lin_run, "rel",
+                                           _check_lin_refresh),
+}
+
+
+def _logprob_calls(g):
+    for dtype in (torch.bfloat16, torch.float32):
+        for v in (1000, 32000, 151936):
+            logits = torch.randn(2, 3, v, generator=g).to(dtype).requires_grad_()
+            ids = torch.randint(0, v, (2, 3), generator=g)
+            lp, ent = qk.token_logprobs(logits, ids, return_entropy=True, temperature=0.7)
+            (lp.sum() + ent.sum()).backward()
+
+
+TRITON_EXAMPLES = {"token_logprobs": _logprob_calls, "token_logprobs_backward": _logprob_calls}

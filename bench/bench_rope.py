@@ -15,7 +15,7 @@ import functools
 import torch
 
 import quickllm_kernels as qk
-from common import Case, compiled, on_backend, unavailable
+from common import Case, Check, compiled, on_backend, rand, unavailable
 from quickllm_kernels.rope import reference as ref
 
 CASES = {
@@ -135,3 +135,48 @@ def cases(device, smoke: bool = False) -> list[Case]:
             nbytes=2 * 2 * t * (hq + hk) * d + 8 * t, tol=1e-2, mutates=spec["inplace"], graph=t <= 64,
             extra=dict(tokens=t)))
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The GPU check's smoke cases (bench/smoke.py) and the Triton compile test's calls
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_make(dev, small):
+    t, hq, hk, d = (37, 4, 2, 128) if small else (1000, 28, 4, 128)
+    qkv = rand(t, (hq + 2 * hk) * d, dtype=torch.bfloat16, device=dev)
+    return dict(qkv=qkv, q=qkv[:, : hq * d].view(t, hq, d), k=qkv[:, hq * d: (hq + hk) * d].view(t, hk, d),
+                pos=torch.randint(0, 4096, (t,), device=dev), cache=qk.rope_cache(d, 4096, base=1e6, device=dev))
+
+
+def _check_inplace(x):
+    q, k = x["q"].clone(), x["k"].clone()
+    qk.apply_rope(q, k, x["pos"], x["cache"], inplace=True)
+    return q, k
+
+
+def _check_refresh(x):
+    x["qkv"].copy_(torch.randn_like(x["qkv"], dtype=torch.float32))
+    x["pos"].random_(0, 4096)
+
+
+CHECKS = {
+    "apply_rope": Check("apply_rope", _check_make, lambda x: qk.apply_rope(x["q"], x["k"], x["pos"], x["cache"]),
+                        "rel", _check_refresh),
+    "apply_rope_ (in place)": Check("apply_rope_", _check_make, _check_inplace, "rel", _check_refresh),
+}
+
+
+def _rope_calls(g):
+    for dtype in (torch.bfloat16, torch.float32):
+        for d, r, style in ((128, 128, "neox"), (64, 64, "gptj"), (192, 64, "gptj"), (80, 40, "neox")):
+            cache = qk.rope_cache(r, 16)
+            q = torch.randn(3, 4, d, generator=g).to(dtype).requires_grad_()
+            k = torch.randn(3, 2, d, generator=g).to(dtype).requires_grad_()
+            pos = torch.tensor([0, 5, 15])
+            qo, ko = qk.apply_rope(q, k, pos, cache, style=style)
+            (qo.float().sum() + ko.float().sum()).backward()
+            qk.apply_rope(q.detach().clone(), k.detach().clone(), pos, cache, style=style, inplace=True)
+
+
+TRITON_EXAMPLES = {"apply_rope": _rope_calls, "apply_rope_": _rope_calls}

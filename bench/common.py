@@ -32,6 +32,7 @@ import platform
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Callable
 
@@ -68,6 +69,29 @@ class Case:
     baselines: dict = dataclasses.field(default_factory=lambda: dict(BASELINES))
     peak_memory: int = 0               # if set: record peak extra CUDA memory, and its ratio to this
     extra: dict = dataclasses.field(default_factory=dict)  # fields copied into every row
+
+
+class Check(typing.NamedTuple):
+    """A case of the GPU check's smoke pass (bench/smoke.py), declared by each family's bench module
+    in CHECKS: `op` names the op whose backends it runs; make(device, small) -> inputs dict;
+    run(inputs) -> output tensors (the public functions, so autograd and composites are covered);
+    compare: "rel" (REL_TOL of the dtype), "exact" (bits) or "exact-gpu" (bits on a GPU, where the
+    interpreter's float32 -> bfloat16 truncation does not apply); refresh(inputs): new values in
+    place, for the CUDA-graph replay."""
+    op: str
+    make: Callable
+    run: Callable
+    compare: str
+    refresh: Callable
+
+
+def rand(*shape, dtype, device, scale=1.0):
+    return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+
+def fp8_bits(t):
+    """float8 tensors as their bytes (torch.equal and friends do not take float8)."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
 def bench_modules() -> dict:

@@ -1,4 +1,5 @@
 """Smoke pass: every op on every backend that can run here, against the reference, on fresh data.
+The cases are each family's CHECKS (bench/bench_<family>.py, common.Check).
 
     python bench/smoke.py [--json out.json] [--small] [--backend cuda] [--no-graphs]
 
@@ -26,10 +27,9 @@ if not torch.cuda.is_available():
 
 import quickllm_kernels as qk  # noqa: E402
 from quickllm_kernels._op import OPS  # noqa: E402
-from quickllm_kernels.fp8 import reference as ref_fp8  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import poison_allocator, rel_err, write_json  # noqa: E402
+from common import bench_modules, poison_allocator, rel_err, write_json  # noqa: E402
 
 # Relative error ||got - want|| / ||want|| allowed per output dtype. Kernels compute in float32 and
 # round once to the output dtype: the RMS of that rounding is about 2^-9 relative for bfloat16 (twice
@@ -38,127 +38,18 @@ from common import poison_allocator, rel_err, write_json  # noqa: E402
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
-def _rand(*shape, dtype, device, scale=1.0):
-    return (torch.randn(*shape, device=device) * scale).to(dtype)
+def _cases() -> dict:
+    """Every family's CHECKS (bench/bench_<family>.py), in declaration order."""
+    out = {}
+    for module in bench_modules().values():
+        for name, case in module.CHECKS.items():
+            if name in out:
+                raise ValueError(f"smoke case {name!r} is declared twice")
+            out[name] = case
+    return out
 
 
-# Each case: name -> (op for backend checks, make(device, small) -> inputs dict, run(inputs) -> tensors,
-# how to compare: "rel", "exact" or "exact-gpu", refresh(inputs): new values in place, for the graph replay).
-def _rope_make(dev, small):
-    t, hq, hk, d = (37, 4, 2, 128) if small else (1000, 28, 4, 128)
-    qkv = _rand(t, (hq + 2 * hk) * d, dtype=torch.bfloat16, device=dev)
-    return dict(qkv=qkv, q=qkv[:, : hq * d].view(t, hq, d), k=qkv[:, hq * d: (hq + hk) * d].view(t, hk, d),
-                pos=torch.randint(0, 4096, (t,), device=dev), cache=qk.rope_cache(d, 4096, base=1e6, device=dev))
-
-
-def _rope_run(x):
-    return qk.apply_rope(x["q"], x["k"], x["pos"], x["cache"])
-
-
-def _rope_inplace_run(x):
-    q, k = x["q"].clone(), x["k"].clone()
-    qk.apply_rope(q, k, x["pos"], x["cache"], inplace=True)
-    return q, k
-
-
-def _rope_refresh(x):
-    x["qkv"].copy_(torch.randn_like(x["qkv"], dtype=torch.float32))
-    x["pos"].random_(0, 4096)
-
-
-def _lp_make(dev, small):
-    n, v = (19, 1000) if small else (512, 151936)
-    logits = _rand(n, v, dtype=torch.bfloat16, device=dev, scale=3.0).requires_grad_()
-    ids = torch.randint(0, v, (n,), device=dev)
-    ids[::7] = -100
-    return dict(logits=logits, ids=ids, g=torch.randn(n, device=dev), ge=torch.randn(n, device=dev))
-
-
-def _lp_run(x):
-    x["logits"].grad = None
-    with torch.enable_grad():
-        lp, ent = qk.token_logprobs(x["logits"], x["ids"], temperature=0.7, return_entropy=True)
-        (grad,) = torch.autograd.grad((lp * x["g"]).sum() + (ent * x["ge"]).sum(), x["logits"])
-    return lp, ent, grad
-
-
-def _lp_refresh(x):
-    with torch.no_grad():
-        x["logits"].copy_(torch.randn_like(x["logits"], dtype=torch.float32) * 3)
-
-
-def _lin_make(dev, small):
-    n, h, v = (33, 64, 300) if small else (1024, 3584, 32768)
-    return dict(hidden=_rand(n, h, dtype=torch.bfloat16, device=dev).requires_grad_(),
-                weight=_rand(v, h, dtype=torch.bfloat16, device=dev, scale=h ** -0.5).requires_grad_(),
-                ids=torch.randint(0, v, (n,), device=dev), g=torch.randn(n, device=dev))
-
-
-def _lin_run(x):
-    with torch.enable_grad():
-        lp, ent = qk.linear_token_logprobs(x["hidden"], x["weight"], x["ids"], return_entropy=True)
-        gh, gw = torch.autograd.grad((lp * x["g"]).sum() + ent.sum(), (x["hidden"], x["weight"]))
-    return lp, ent, gh, gw
-
-
-def _lin_refresh(x):
-    with torch.no_grad():
-        x["hidden"].copy_(torch.randn_like(x["hidden"], dtype=torch.float32))
-
-
-def _dequant_make(dev, small):
-    m, n = (200, 300) if small else (7168, 2048)
-    q, s = ref_fp8.weight_quant(torch.randn(m, n, device=dev))
-    return dict(q=q, s=s)
-
-
-def _dequant_refresh(x):
-    q, s = ref_fp8.weight_quant(torch.randn(x["q"].shape, device=x["q"].device))
-    x["q"].copy_(q)
-    x["s"].copy_(s)
-
-
-def _act_make(dev, small):
-    t, k = (19, 300) if small else (4096, 7168)
-    return dict(x=_rand(t, k, dtype=torch.bfloat16, device=dev))
-
-
-def _act_refresh(x):
-    x["x"].copy_(torch.randn_like(x["x"], dtype=torch.float32))
-
-
-def _gemm_make(dev, small):
-    m, n, k = (33, 200, 256) if small else (1000, 2048, 7168)
-    aq, as_ = ref_fp8.act_quant(torch.randn(m, k, device=dev), 128)
-    bq, bs = ref_fp8.weight_quant(torch.randn(n, k, device=dev))
-    return dict(aq=aq, as_=as_, bq=bq, bs=bs)
-
-
-def _gemm_refresh(x):
-    aq, as_ = ref_fp8.act_quant(torch.randn(x["aq"].shape, device=x["aq"].device), 128)
-    x["aq"].copy_(aq)
-    x["as_"].copy_(as_)
-
-
-def _fp8_bits(t):
-    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
-
-
-CASES = {
-    "apply_rope": ("apply_rope", _rope_make, _rope_run, "rel", _rope_refresh),
-    "apply_rope_ (in place)": ("apply_rope", _rope_make, _rope_inplace_run, "rel", _rope_refresh),
-    "token_logprobs fwd+bwd": ("token_logprobs", _lp_make, _lp_run, "rel", _lp_refresh),
-    "linear_token_logprobs fwd+bwd": ("token_logprobs", _lin_make, _lin_run, "rel", _lin_refresh),
-    "weight_dequant": ("weight_dequant", _dequant_make, lambda x: (qk.weight_dequant(x["q"], x["s"]),), "exact-gpu",
-                       _dequant_refresh),
-    "act_quant fp32": ("act_quant", _act_make, lambda x: tuple(map(_fp8_bits, qk.act_quant(x["x"]))), "exact",
-                       _act_refresh),
-    "act_quant ue8m0": ("act_quant", _act_make,
-                        lambda x: tuple(map(_fp8_bits, qk.act_quant(x["x"], scale_format="ue8m0"))), "exact",
-                        _act_refresh),
-    "fp8_block_gemm": ("fp8_block_gemm", _gemm_make,
-                       lambda x: (qk.fp8_block_gemm(x["aq"], x["as_"], x["bq"], x["bs"]),), "rel", _gemm_refresh),
-}
+CASES = _cases()
 
 
 def _compare(got, want, how, device):

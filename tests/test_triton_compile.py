@@ -47,54 +47,17 @@ def _arg_type(value):
     raise TypeError(f"no Triton type for a {type(value).__name__} argument")
 
 
-def _rope_calls(g):
-    for dtype in (torch.bfloat16, torch.float32):
-        for d, r, style in ((128, 128, "neox"), (64, 64, "gptj"), (192, 64, "gptj"), (80, 40, "neox")):
-            cache = qk.rope_cache(r, 16)
-            q = torch.randn(3, 4, d, generator=g).to(dtype).requires_grad_()
-            k = torch.randn(3, 2, d, generator=g).to(dtype).requires_grad_()
-            pos = torch.tensor([0, 5, 15])
-            qo, ko = qk.apply_rope(q, k, pos, cache, style=style)
-            (qo.float().sum() + ko.float().sum()).backward()
-            qk.apply_rope(q.detach().clone(), k.detach().clone(), pos, cache, style=style, inplace=True)
 
 
-def _logprob_calls(g):
-    for dtype in (torch.bfloat16, torch.float32):
-        for v in (1000, 32000, 151936):
-            logits = torch.randn(2, 3, v, generator=g).to(dtype).requires_grad_()
-            ids = torch.randint(0, v, (2, 3), generator=g)
-            lp, ent = qk.token_logprobs(logits, ids, return_entropy=True, temperature=0.7)
-            (lp.sum() + ent.sum()).backward()
+def _examples() -> dict:
+    """Op -> calls that between them take its Triton kernels through every configuration the op
+    chooses: each family's TRITON_EXAMPLES (bench/bench_<family>.py)."""
+    from common import bench_modules
+
+    return {op: calls for module in bench_modules().values() for op, calls in module.TRITON_EXAMPLES.items()}
 
 
-def _dequant_calls(g):
-    for out_dtype in (torch.bfloat16, torch.float32):
-        w = torch.randn(300, 260, generator=g).to(torch.float8_e4m3fn)
-        qk.weight_dequant(w, torch.ones(3, 3), out_dtype=out_dtype)
-
-
-def _act_quant_calls(g):
-    for xdtype in (torch.bfloat16, torch.float16, torch.float32):
-        x = torch.randn(5, 300, generator=g).to(xdtype)
-        for group, fmt in ((128, "fp32"), (128, "ue8m0"), (64, "fp32")):
-            qk.act_quant(x, group=group, scale_format=fmt)
-        qk.act_quant(torch.randn(2, 9000, generator=g).to(xdtype), group=5000)  # wider than one tile: two passes
-
-
-def _gemm_calls(g):
-    for m in (1, 16, 64, 300):
-        for out_dtype in (torch.bfloat16, torch.float32):
-            a = torch.randn(m, 256, generator=g).to(torch.float8_e4m3fn)
-            b = torch.randn(200, 256, generator=g).to(torch.float8_e4m3fn)
-            qk.fp8_block_gemm(a, torch.ones(m, 2), b, torch.ones(2, 2), out_dtype=out_dtype)
-
-
-# Op -> calls that between them take its Triton kernels through every configuration the op chooses.
-# Every declared op with a Triton kernel must have an entry (test below).
-EXAMPLES = {"apply_rope": _rope_calls, "apply_rope_": _rope_calls, "token_logprobs": _logprob_calls,
-            "token_logprobs_backward": _logprob_calls, "weight_dequant": _dequant_calls,
-            "act_quant": _act_quant_calls, "fp8_block_gemm": _gemm_calls}
+EXAMPLES = _examples()
 
 
 def test_every_triton_op_has_examples():
