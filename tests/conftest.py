@@ -15,6 +15,22 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"  # where the op tests put their tensors
+# The kernel backends as test parameters: Triton runs everywhere (the interpreter on the CPU), CUDA on
+# a GPU with the compiled kernels; GPU_BACKENDS for tests that need a GPU for both.
+KERNEL_BACKENDS = [
+    pytest.param("triton", marks=pytest.mark.triton),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.cuda_ext]),
+]
+GPU_BACKENDS = [
+    pytest.param("triton", marks=[pytest.mark.gpu, pytest.mark.triton]),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.cuda_ext]),
+]
+
+
+def gen(seed: int) -> torch.Generator:
+    """A CPU generator: the same values on every device (tensors are made on the CPU, then moved)."""
+    return torch.Generator().manual_seed(seed)
 if not HAS_CUDA:
     # Triton kernels run on CPU tensors through the interpreter. It must be set before @triton.jit runs.
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -7,15 +7,13 @@ import re
 
 import pytest
 import torch
-from conftest import HAS_CUDA
+from conftest import DEVICE
 
 import quickllm_kernels as qk
 from quickllm_kernels import _op
 from quickllm_kernels._library import SCHEMAS
 from quickllm_kernels._op import OPS, TRITON_TWINS
 from quickllm_kernels.fp8 import reference as ref_fp8
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 def _example_args(name, device=DEVICE, m=64):

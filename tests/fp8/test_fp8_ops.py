@@ -6,22 +6,13 @@ import re
 
 import pytest
 import torch
-from conftest import HAS_CUDA, TOL, poison_allocator
+from conftest import DEVICE, GPU_BACKENDS, HAS_CUDA, KERNEL_BACKENDS, TOL, gen, poison_allocator
 
 import quickllm_kernels as qk
 from quickllm_kernels import fp8 as fp8_ops
 from quickllm_kernels.fp8 import reference as ref
 
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 FP8 = torch.float8_e4m3fn
-KERNEL_BACKENDS = [
-    pytest.param("triton", marks=pytest.mark.triton),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.cuda_ext]),
-]
-GPU_BACKENDS = [
-    pytest.param("triton", marks=[pytest.mark.gpu, pytest.mark.triton]),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.cuda_ext]),
-]
 # fp8_block_gemm against the float64 product of the same fp8 operands: the output rounding of the
 # dtype (TOL's rtol) plus float32 accumulation, a few float32 ulps of the largest |C| of the row
 # block, which is what atol (relative to max |C|) covers where outputs cancel to near zero.
@@ -51,18 +42,15 @@ def gemm_tolerance(out_dtype, on_gpu):
     return TOL[out_dtype]["rtol"], GEMM_ATOL[out_dtype]
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
 
 def _randn(*shape, seed=0, scale=1.0, dtype=torch.float32, device=DEVICE):
-    return (scale * torch.randn(*shape, generator=_gen(seed))).to(device=device, dtype=dtype)
+    return (scale * torch.randn(*shape, generator=gen(seed))).to(device=device, dtype=dtype)
 
 
 def _fp8_weight(n, k, seed=0, device=DEVICE):
     """A [N, K] fp8 weight with DeepSeek-like scales (amax/448 of 128x128 blocks of varied magnitude)."""
     w = _randn(n, k, seed=seed, device="cpu")
-    w *= torch.rand(math.ceil(n / 128), math.ceil(k / 128), generator=_gen(seed + 1)).mul(4).add(0.1) \
+    w *= torch.rand(math.ceil(n / 128), math.ceil(k / 128), generator=gen(seed + 1)).mul(4).add(0.1) \
         .repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
     q, s = ref.weight_quant(w)
     return q.to(device), s.to(device)

@@ -4,18 +4,13 @@ import weakref
 
 import pytest
 import torch
-from conftest import HAS_CUDA, TOL, poison_allocator
+from conftest import DEVICE, KERNEL_BACKENDS, TOL, gen, poison_allocator
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import quickllm_kernels as qk
 from quickllm_kernels.logprobs import reference as ref
 
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-KERNEL_BACKENDS = [
-    pytest.param("triton", marks=pytest.mark.triton),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.cuda_ext]),
-]
 # Forward results are float32 reductions over V (running max, sums of exp in float32) compared with
 # float64: a few float32 ulps of the row's largest |z| (~15 here), whatever the logits dtype.
 F32 = dict(rtol=1e-5, atol=5e-5)
@@ -26,18 +21,15 @@ def grad_tol(dtype):
     return {k: max(TOL[dtype][k], 1e-5) for k in ("rtol", "atol")}
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
 
 def _logits(rows, cols, vocab, dtype, seed=0, device=DEVICE):
     """[rows, cols - 1, V] as the slice logits[:, :-1] of a [rows, cols, V] tensor (non-contiguous)."""
-    full = (3 * torch.randn(rows, cols, vocab, generator=_gen(seed))).to(device=device, dtype=dtype)
+    full = (3 * torch.randn(rows, cols, vocab, generator=gen(seed))).to(device=device, dtype=dtype)
     return full[:, :-1]
 
 
 def _ids(shape, vocab, seed=1, ignore_every=0, device=DEVICE):
-    ids = torch.randint(0, vocab, shape, generator=_gen(seed))
+    ids = torch.randint(0, vocab, shape, generator=gen(seed))
     if ignore_every:
         ids.view(-1)[::ignore_every] = -100
     return ids.to(device)
@@ -104,8 +96,8 @@ VOCABS = [1, 50, 257, 5003]  # none a multiple of a block; 5003 spans several 40
 def test_kernel_matches_reference(backend_name, vocab, dtype, nan_empty):
     logits = _logits(2, 4, vocab, dtype, seed=vocab)
     ids = _ids((2, 3), vocab, ignore_every=4)
-    g_lp = torch.randn(2, 3, generator=_gen(2)).to(DEVICE)
-    g_ent = torch.randn(2, 3, generator=_gen(3)).to(DEVICE)
+    g_lp = torch.randn(2, 3, generator=gen(2)).to(DEVICE)
+    g_ent = torch.randn(2, 3, generator=gen(3)).to(DEVICE)
     l64 = logits.double()  # the oracle: the reference in float64 on the same (rounded) logits
     want = ref.token_logprobs(l64, ids, 0.9, -100)
     want_grad = ref.token_logprobs_backward(g_lp.double(), g_ent.double(), l64, ids, want[2], want[1], 0.9, -100)
@@ -124,7 +116,7 @@ def test_kernel_matches_reference(backend_name, vocab, dtype, nan_empty):
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 def test_kernel_layouts(backend_name):
     """2-D rows, a 4-D batch, a transposed view and a non-unit last stride all give the reference."""
-    base = torch.randn(5, 6, 7, 2 * 33, generator=_gen(4)).to(DEVICE)
+    base = torch.randn(5, 6, 7, 2 * 33, generator=gen(4)).to(DEVICE)
     cases = [base[0, 0, :, :33], base[..., :33], base.transpose(0, 1)[..., :33], base[..., ::2]]
     for logits in cases:
         ids = _ids(logits.shape[:-1], 33, seed=5)
@@ -189,7 +181,7 @@ def test_triton_out_of_range_ids_give_nan_without_reading():
 def test_linear_matches_unfused(backend_name, chunk_rows, with_bias, nan_empty):
     """Every row of lp, ent and grad_hidden is written (their buffers start as NaN here)."""
     n, h, v = 23, 16, 61
-    g = _gen(6)
+    g = gen(6)
     hidden = torch.randn(n, h, generator=g).to(DEVICE)
     weight = (torch.randn(v, h, generator=g) / 4).to(DEVICE)
     bias = torch.randn(v, generator=g).to(DEVICE) if with_bias else None
@@ -216,7 +208,7 @@ def test_linear_matches_unfused(backend_name, chunk_rows, with_bias, nan_empty):
 
 
 def test_linear_gradcheck_float64():
-    g = _gen(7)
+    g = gen(7)
     hidden = torch.randn(9, 5, generator=g, dtype=torch.float64).requires_grad_()
     weight = torch.randn(13, 5, generator=g, dtype=torch.float64).requires_grad_()
     bias = torch.randn(13, generator=g, dtype=torch.float64).requires_grad_()
@@ -295,7 +287,7 @@ def test_linear_workspace_is_one_chunk_of_logits_and_its_gradient():
     Sizes so that each of those would break the bound: C V = 1 M elements, V H = 1 M, N V = 4 M."""
     n, h, v = 1024, 256, 4000
     c = max(256, -(-n // 32))  # the auto chunk
-    g = _gen(10)
+    g = gen(10)
     hidden = torch.randn(n, h, generator=g).bfloat16().requires_grad_()
     weight = (torch.randn(v, h, generator=g) / 16).bfloat16().requires_grad_()
     ids = torch.randint(0, v, (n,), generator=g)
@@ -313,7 +305,7 @@ def test_linear_bf16_grad_weight_one_rounding_per_chunk():
     per chunk (u = 2**-8 of each partial sum S_j), each chunk's product summed in float32 (at most
     c float32 roundings of sum |g||h|). Checked against the same chunks' gradients summed in float64."""
     n, h, v, c = 512, 32, 300, 16  # 32 chunks, the most auto chunking makes
-    g = _gen(11)
+    g = gen(11)
     hidden = torch.randn(n, h, generator=g).bfloat16().requires_grad_()
     weight = (torch.randn(v, h, generator=g) / 4).bfloat16().requires_grad_()
     ids = _ids((n,), v, seed=12, ignore_every=7, device="cpu")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_close
+from conftest import DEVICE, KERNEL_BACKENDS, assert_close, gen
 
 import quickllm_kernels as qk
 from quickllm_kernels import _library, backend
@@ -17,22 +17,14 @@ from quickllm_kernels.rope import reference as ref
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-KERNEL_BACKENDS = [
-    pytest.param("triton", marks=pytest.mark.triton),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.cuda_ext]),
-]
 
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def make_qk(tokens, hq, hk, head_dim, dtype, *, batch=None, fused=True, seed=0, device=DEVICE):
     """q and k as views into one fused qkv projection output (the layout real models produce), or
     as separate contiguous tensors. [tokens, H, D], or [batch, tokens, H, D] when batch is given."""
     lead = (tokens,) if batch is None else (batch, tokens)
-    g = _gen(seed)
+    g = gen(seed)
     if fused:
         qkv = torch.randn(*lead, (hq + 2 * hk) * head_dim, generator=g).to(device=device, dtype=dtype)
         q = qkv[..., : hq * head_dim].unflatten(-1, (hq, head_dim))
@@ -160,7 +152,7 @@ def test_neox_matches_transformers_rotate_half():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     b, s, hq, hk, d = 2, 13, 4, 2, 32
     q, k = make_qk(s, hq, hk, d, torch.float32, batch=b, device="cpu")
-    pos = torch.randint(0, 100, (b, s), generator=_gen(1))
+    pos = torch.randint(0, 100, (b, s), generator=gen(1))
     cache = qk.rope_cache(d, 100, base=10000.0)
     cos = torch.cat((cache[pos, : d // 2],) * 2, -1)
     sin = torch.cat((cache[pos, d // 2 :],) * 2, -1)
@@ -175,7 +167,7 @@ def test_gptj_matches_transformers_rotate_every_two():
     from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb
     b, s, h, d, r = 2, 11, 3, 32, 16  # GPT-J rotates a partial rotary_dim
     q, k = make_qk(s, h, h, d, torch.float32, batch=b, device="cpu")
-    pos = torch.randint(0, 64, (b, s), generator=_gen(2))
+    pos = torch.randint(0, 64, (b, s), generator=gen(2))
     cache = qk.rope_cache(r, 64)
     cos, sin = cache[pos, : r // 2], cache[pos, r // 2 :]
     want_q = torch.cat((apply_rotary_pos_emb(q[..., :r], sin, cos), q[..., r:]), -1)
@@ -225,7 +217,7 @@ def test_kernel_matches_reference(backend_name, shape, style, dtype):
     tokens, batch, hq, hk, d, r = shape
     q, k = make_qk(tokens, hq, hk, d, dtype, batch=batch, fused=(tokens % 2 == 1), seed=tokens)
     lead = q.shape[:-2]
-    pos = torch.randint(0, 4 * tokens + 3, lead, generator=_gen(3), dtype=torch.int64).to(DEVICE)
+    pos = torch.randint(0, 4 * tokens + 3, lead, generator=gen(3), dtype=torch.int64).to(DEVICE)
     cache = qk.rope_cache(r, 4 * tokens + 3, base=100.0, device=DEVICE)
     q0, k0 = q.clone(), k.clone()
     with qk.use_backend(backend_name):
@@ -245,11 +237,11 @@ def test_kernel_matches_reference(backend_name, shape, style, dtype):
 def test_inplace_on_fused_qkv_views(backend_name, style, dtype):
     """In place on views of one qkv buffer: q and k rotate, v and the pass-through dims are untouched."""
     tokens, hq, hk, d, r = 13, 4, 2, 24, 16
-    qkv = torch.randn(tokens, (hq + 2 * hk) * d, generator=_gen(4)).to(device=DEVICE, dtype=dtype)
+    qkv = torch.randn(tokens, (hq + 2 * hk) * d, generator=gen(4)).to(device=DEVICE, dtype=dtype)
     q = qkv[:, : hq * d].view(tokens, hq, d)
     k = qkv[:, hq * d : (hq + hk) * d].view(tokens, hk, d)
     before = qkv.clone()
-    pos = torch.randint(0, 50, (tokens,), generator=_gen(5), dtype=torch.int32).to(DEVICE)
+    pos = torch.randint(0, 50, (tokens,), generator=gen(5), dtype=torch.int32).to(DEVICE)
     cache = qk.rope_cache(r, 50, device=DEVICE, dtype=dtype)
     want_q, want_k = oracle(q, k, pos, cache, style == "neox")
     with qk.use_backend(backend_name):
@@ -265,12 +257,12 @@ def test_inplace_on_fused_qkv_views(backend_name, style, dtype):
 def test_non_unit_last_stride_and_transposed_views(backend_name):
     """Views whose last dim is strided (the kernels need unit stride; the host copies) and [B, S] views
     whose batch and sequence strides do not merge."""
-    base = torch.randn(6, 5, 3, 16, 2, generator=_gen(6)).to(DEVICE)
+    base = torch.randn(6, 5, 3, 16, 2, generator=gen(6)).to(DEVICE)
     q = base[..., 0]  # last-dim stride 2
     k = base[:, :, :1, :, 1]
-    qt = torch.randn(5, 6, 3, 16, generator=_gen(7)).to(DEVICE).transpose(0, 1)  # [6, 5, 3, 16], seq-major
-    kt = torch.randn(5, 6, 1, 16, generator=_gen(8)).to(DEVICE).transpose(0, 1)
-    pos = torch.randint(0, 40, (6, 5), generator=_gen(9)).to(DEVICE)
+    qt = torch.randn(5, 6, 3, 16, generator=gen(7)).to(DEVICE).transpose(0, 1)  # [6, 5, 3, 16], seq-major
+    kt = torch.randn(5, 6, 1, 16, generator=gen(8)).to(DEVICE).transpose(0, 1)
+    pos = torch.randint(0, 40, (6, 5), generator=gen(9)).to(DEVICE)
     cache = qk.rope_cache(16, 40, device=DEVICE)
     for qq, kk in ((q, k), (qt, kt)):
         want = oracle(qq, kk, pos, cache, True)
@@ -330,7 +322,7 @@ def test_out_of_range_positions_raise_on_cpu():
 def test_gradcheck_float64(style):
     q, k = make_qk(5, 2, 1, 12, torch.float64, batch=2, device="cpu")
     q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
-    pos = torch.randint(0, 20, (2, 5), generator=_gen(10))
+    pos = torch.randint(0, 20, (2, 5), generator=gen(10))
     cache = qk.rope_cache(8, 20, dtype=torch.float64)
     f = lambda a, b: qk.apply_rope(a, b, pos, cache, style=style)  # noqa: E731
     assert torch.autograd.gradcheck(f, (q, k))
@@ -340,9 +332,9 @@ def test_gradcheck_float64(style):
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 def test_backward_matches_reference_autograd(backend_name):
     q, k = make_qk(9, 3, 1, 16, torch.float32, fused=True)
-    pos = torch.randint(0, 30, (9,), generator=_gen(11)).to(DEVICE)
+    pos = torch.randint(0, 30, (9,), generator=gen(11)).to(DEVICE)
     cache = qk.rope_cache(16, 30, device=DEVICE)
-    gq, gk = torch.randn(9, 3, 16, generator=_gen(12)).to(DEVICE), torch.randn(9, 1, 16, generator=_gen(13)).to(DEVICE)
+    gq, gk = torch.randn(9, 3, 16, generator=gen(12)).to(DEVICE), torch.randn(9, 1, 16, generator=gen(13)).to(DEVICE)
 
     def grads(name):
         a, b = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
@@ -379,7 +371,7 @@ def test_inplace_with_grad_flows_through_copy():
 def test_opcheck(backend_name):
     dtype = torch.float64 if backend_name == "reference" else torch.float32
     q, k = make_qk(5, 2, 1, 12, dtype, batch=2, fused=True)
-    pos = torch.randint(0, 20, (2, 5), generator=_gen(14)).to(DEVICE)
+    pos = torch.randint(0, 20, (2, 5), generator=gen(14)).to(DEVICE)
     cache = qk.rope_cache(8, 20, dtype=dtype, device=DEVICE)
     with qk.use_backend(backend_name):
         for is_neox in (True, False):
@@ -393,7 +385,7 @@ def test_opcheck(backend_name):
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     q, k = make_qk(7, 3, 1, 16, torch.float32, device="cpu")
-    pos = torch.randint(0, 20, (7,), generator=_gen(15))
+    pos = torch.randint(0, 20, (7,), generator=gen(15))
     cache = qk.rope_cache(16, 20)
 
     def f(q, k):
