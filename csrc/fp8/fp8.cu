@@ -17,6 +17,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "csrc/common/dispatch.cuh"
 #include "csrc/common/vec.cuh"
 
 #include <cuda_bf16.h>
@@ -197,11 +198,7 @@ at::Tensor weight_dequant_cuda(const at::Tensor& w, const at::Tensor& scale_inv,
   const bool vec = N % 16 == 0 && block_n % 16 == 0 && p.ldw % 16 == 0 && aligned_to(p.w, 16) &&
                    aligned_to(p.out, 16);
   auto stream = at::cuda::getCurrentCUDAStream();
-  switch (out_dtype) {
-    case at::kFloat: launch_dequant<float>(p, vec, stream); break;
-    case at::kHalf: launch_dequant<__half>(p, vec, stream); break;
-    default: launch_dequant<__nv_bfloat16>(p, vec, stream); break;
-  }
+  dispatch_float<CudaTypes>(out_dtype, "weight_dequant", [&](auto t) { launch_dequant<decltype(t)>(p, vec, stream); });
   return out;
 }
 
@@ -350,11 +347,7 @@ std::tuple<at::Tensor, at::Tensor> act_quant_cuda(const at::Tensor& x, int64_t g
                       static_cast<int>(G), ue8m0};
   const bool fast = group == 128;
   auto stream = at::cuda::getCurrentCUDAStream();
-  switch (st) {
-    case at::kFloat: launch_act_quant<float>(p, fast, stream); break;
-    case at::kHalf: launch_act_quant<__half>(p, fast, stream); break;
-    default: launch_act_quant<__nv_bfloat16>(p, fast, stream); break;
-  }
+  dispatch_float<CudaTypes>(st, "act_quant", [&](auto t) { launch_act_quant<decltype(t)>(p, fast, stream); });
   return {q, s};
 }
 
@@ -683,11 +676,8 @@ at::Tensor fp8_block_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, 
                      b_scales.stride(0), b_scales.stride(1), nullptr, static_cast<int>(M), static_cast<int>(N),
                      static_cast<int>(K), static_cast<int>(kb), static_cast<int>(kb)};
   auto stream = at::cuda::getCurrentCUDAStream();
-  switch (out_dtype) {
-    case at::kFloat: dispatch_gemm<float>(p, out, prop, stream); break;
-    case at::kHalf: dispatch_gemm<__half>(p, out, prop, stream); break;
-    default: dispatch_gemm<__nv_bfloat16>(p, out, prop, stream); break;
-  }
+  dispatch_float<CudaTypes>(out_dtype, "fp8_block_gemm",
+                            [&](auto t) { dispatch_gemm<decltype(t)>(p, out, prop, stream); });
   return out;
 }
 

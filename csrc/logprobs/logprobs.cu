@@ -14,6 +14,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "csrc/common/dispatch.cuh"
 #include "csrc/common/vec.cuh"
 
 #include <cmath>
@@ -203,7 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cuda(const at::Ten
   if (n == 0) return {lp, ent, lse};
   auto stream = at::cuda::getCurrentCUDAStream();
   const float inv_t = static_cast<float>(1.0 / temperature);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "token_logprobs_cuda", [&] {
+  dispatch_float<TorchTypes>(logits.scalar_type(), "token_logprobs", [&](auto t) {
+    using scalar_t = decltype(t);
     const auto* x = logits.data_ptr<scalar_t>();
     constexpr int VEC = 16 / sizeof(scalar_t);
     if (vec_ok<scalar_t>(r, x))
@@ -239,7 +241,8 @@ at::Tensor token_logprobs_backward_cuda(const at::Tensor& g_lp_in, const at::Ten
   if (n == 0) return grad;
   auto stream = at::cuda::getCurrentCUDAStream();
   const float inv_t = static_cast<float>(1.0 / temperature);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "token_logprobs_bwd_cuda", [&] {
+  dispatch_float<TorchTypes>(logits.scalar_type(), "token_logprobs_backward", [&](auto t) {
+    using scalar_t = decltype(t);
     const auto* x = logits.data_ptr<scalar_t>();
     auto* out = grad.data_ptr<scalar_t>();
     constexpr int VEC = 16 / sizeof(scalar_t);

@@ -14,6 +14,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "csrc/common/dispatch.cuh"
 #include "csrc/common/vec.cuh"
 
 #include <cstdint>
@@ -296,12 +297,8 @@ void rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_o
   p.copy_tail = copy_tail ? 1 : 0;
   p.sin_sign = inverse ? -1.0f : 1.0f;
   if (p.seq == 0) return;
-  switch (q.scalar_type()) {
-    case at::kFloat: launch_for_scalar<float>(p, positions, cache, is_neox); break;
-    case at::kHalf: launch_for_scalar<c10::Half>(p, positions, cache, is_neox); break;
-    case at::kBFloat16: launch_for_scalar<c10::BFloat16>(p, positions, cache, is_neox); break;
-    default: TORCH_CHECK(false, "apply_rope: unsupported dtype ", q.scalar_type());
-  }
+  dispatch_float<TorchTypes>(q.scalar_type(), "apply_rope",
+                             [&](auto t) { launch_for_scalar<decltype(t)>(p, positions, cache, is_neox); });
 }
 
 std::tuple<at::Tensor, at::Tensor> apply_rope_cuda(const at::Tensor& q, const at::Tensor& k,
