@@ -9,13 +9,14 @@ from .info import info
 from .fp8 import act_quant, fp8_block_gemm, weight_dequant
 from .fp8.linear import FP8Linear
 from .logprobs import linear_token_logprobs, token_logprobs
+from .moe import moe_route
 from .rope import apply_rope, rope_cache, rope_inv_freq, rope_softmax_scale
 
 __version__ = "0.1.0"
 
 __all__ = [
     "apply_rope", "rope_cache", "rope_inv_freq", "rope_softmax_scale", "token_logprobs", "linear_token_logprobs",
-    "weight_dequant", "act_quant", "fp8_block_gemm", "FP8Linear",
+    "weight_dequant", "act_quant", "fp8_block_gemm", "FP8Linear", "moe_route",
     "group_advantages", "grpo_loss", "grpo_loss_from_hidden",
     "use_backend", "BackendUnavailable", "last_backends", "reload_settings", "info", "__version__",
 ]

@@ -37,6 +37,8 @@ def _example_args(name, device=DEVICE, m=64):
         a, sa = ref_fp8.act_quant(rnd(m, 256), 128)
         b, sb = ref_fp8.weight_quant(rnd(200, 256))
         return a, sa, b, sb, torch.bfloat16
+    if name == "moe_route":
+        return rnd(7, 64), rnd(64), 4, True, True, 8, 2, 2.5
     raise KeyError(name)
 
 
