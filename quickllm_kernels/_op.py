@@ -187,14 +187,36 @@ _available._dynamo_marked_constant = True  # torch.compiler.assume_constant_resu
 
 
 def call(name: str, *args):
-    """torch.ops.quickllm.<name>(*args), the way every public function runs an op. Under torch.compile
+    """torch.ops.quickllm.<name>(*args), the way every public function runs an op. In plain eager
+    calls (see _plain_eager) the op's implementation runs directly, as the dispatcher would run it.
+    Under torch.compile
     (not torch.export, whose graphs keep the op for engines to map), a call that would run on Triton
     goes to the op's Triton twin instead: a torch.library.triton_op whose kernels the compiled graph
     launches itself, with no custom-op boundary and none of the op's Python dispatch."""
-    if name in TRITON_TWINS and torch.compiler.is_compiling() and not torch.compiler.is_exporting() \
-            and OPS[name].compiles_to_triton(args):
-        return TRITON_TWINS[name](*args)
+    if torch.compiler.is_compiling():
+        if name in TRITON_TWINS and not torch.compiler.is_exporting() and OPS[name].compiles_to_triton(args):
+            return TRITON_TWINS[name](*args)
+    elif _plain_eager(args):
+        return OPS[name].run(*args)
     return getattr(torch.ops.quickllm, name)(*args)
+
+
+def _plain_eager(args) -> bool:
+    """Whether dispatching through torch.ops would add nothing to running the op's implementation
+    directly: no autograd to record, no torch function or dispatch mode (FakeTensorMode, tracing,
+    schema checks), no functorch transform, no profiler, plain CPU or CUDA tensors. Then `call` skips the
+    dispatcher's round trip back into Python (about 10 microseconds of host time per call)."""
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled() \
+            or torch._C._are_functorch_transforms_active() or torch._C._autograd._profiler_enabled():
+        return False  # (a profiler keeps seeing the op as one event)
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) is not torch.Tensor and type(a) is not torch.nn.Parameter:
+                return False
+            if (grad and a.requires_grad) or not (a.is_cuda or a.is_cpu):
+                return False
+    return True
 
 
 def _mutated_args(schema: str) -> list[str]:
