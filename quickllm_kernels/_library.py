@@ -150,14 +150,14 @@ def ensure_cuda_extension(*, build: bool = True, log=None) -> bool:
     them there when `build` (a minute or two, once per source version and GPU architecture).
     Returns whether they are loaded; CUDA_EXT_STATUS says why not."""
     global CUDA_EXT_STATUS, _tried_jit
-    if CUDA_EXT_LOADED or (_tried_jit and build):
+    if CUDA_EXT_LOADED or _tried_jit:  # (after a failed build, its reason stays in CUDA_EXT_STATUS)
         if CUDA_EXT_LOADED and not _sm90a_done:
             with _lock:
                 if not _sm90a_done:
                     _load_sm90a(build, log or _stderr)
         return CUDA_EXT_LOADED
     with _lock:
-        if CUDA_EXT_LOADED or (_tried_jit and build):
+        if CUDA_EXT_LOADED or _tried_jit:
             return CUDA_EXT_LOADED
         mode = _build_mode()
         if mode == "0":

@@ -142,8 +142,8 @@ class Op:
         if self.triton is None or self.composite:
             return False
         device = self.device_of(args)
-        if device.type != "cuda":
-            return False
+        if device.type != "cuda" or (self.sync_check is not None and backend.settings()["sync_checks"]):
+            return False  # (the op's own path runs the value checks asked for)
         want = backend.traced_requested_backend()
         if want not in ("auto", "triton"):
             return False
@@ -193,7 +193,7 @@ def call(name: str, *args):
     (not torch.export, whose graphs keep the op for engines to map), a call that would run on Triton
     goes to the op's Triton twin instead: a torch.library.triton_op whose kernels the compiled graph
     launches itself, with no custom-op boundary and none of the op's Python dispatch."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():  # (is_compiling() is process-wide while any thread compiles)
         if name in TRITON_TWINS and not torch.compiler.is_exporting() and OPS[name].compiles_to_triton(args):
             return TRITON_TWINS[name](*args)
     elif _plain_eager(args):
@@ -204,17 +204,20 @@ def call(name: str, *args):
 def _plain_eager(args) -> bool:
     """Whether dispatching through torch.ops would add nothing to running the op's implementation
     directly: no autograd to record, no torch function or dispatch mode (FakeTensorMode, tracing,
-    schema checks), no functorch transform, no profiler, plain CPU or CUDA tensors. Then `call` skips the
+    schema checks), no functorch transform, no profiler, no torch.jit.trace, no forward-mode AD, plain
+    strided CPU or CUDA tensors (no lazy negation or conjugation, no subclasses). Then `call` skips the
     dispatcher's round trip back into Python (about 10 microseconds of host time per call)."""
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled() \
-            or torch._C._are_functorch_transforms_active() or torch._C._autograd._profiler_enabled():
-        return False  # (a profiler keeps seeing the op as one event)
+            or torch._C._are_functorch_transforms_active() or torch._C._autograd._profiler_enabled() \
+            or torch._C._get_tracing_state() is not None or torch.autograd.forward_ad._current_level >= 0:
+        return False  # (a profiler keeps seeing the op as one event; torch.jit.trace records it)
     grad = torch.is_grad_enabled()
     for a in args:
         if isinstance(a, torch.Tensor):
             if type(a) is not torch.Tensor and type(a) is not torch.nn.Parameter:
                 return False
-            if (grad and a.requires_grad) or not (a.is_cuda or a.is_cpu):
+            if (grad and a.requires_grad) or not (a.is_cuda or a.is_cpu) or a.layout != torch.strided \
+                    or a.is_neg() or a.is_conj():  # the dispatcher resolves lazy negation / conjugation
                 return False
     return True
 

@@ -45,7 +45,10 @@ def _check_name(name: str, source: str) -> str:
 # The innermost open use_backend() of the process, as torch.compile's traces read it: Dynamo before
 # torch 2.14 cannot read a ContextVar, and it guards on a module global (a compiled function is traced
 # again when the block around it asks for another backend). Eager calls read the ContextVar.
+# Blocks that exit out of order (threads, generators) each remove their own entry, so none leaves a
+# stale value behind.
 _traced_override: str | None = None
+_open_blocks: list[tuple[object, str]] = []
 
 
 @contextlib.contextmanager
@@ -53,32 +56,45 @@ def use_backend(name: str):
     """Run the ops called inside the block on backend `name` ("cuda", "triton", "reference" or "auto")."""
     global _traced_override
     name = _check_name(name, "use_backend(name)")
-    token, prev = _override.set(name), _traced_override
+    token, entry = _override.set(name), (object(), name)
+    _open_blocks.append(entry)
     _traced_override = name
     try:
         yield
     finally:
         _override.reset(token)
-        _traced_override = prev
+        for i in range(len(_open_blocks) - 1, -1, -1):
+            if _open_blocks[i] is entry:
+                del _open_blocks[i]
+                break
+        _traced_override = _open_blocks[-1][1] if _open_blocks else None
 
 
-_settings: dict[str, str | bool] = {}
+def _read_settings() -> dict[str, str | bool]:
+    return {"backend": os.environ.get("QUICKLLM_BACKEND", "auto"),
+            "sync_checks": os.environ.get("QUICKLLM_SYNC_CHECKS", "0") == "1",
+            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1"}
+
+
+_settings: dict[str, str | bool] | None = None
 
 
 def settings() -> dict[str, str | bool]:
-    """The process's settings from the environment, read once (not on every call of an op):
-    QUICKLLM_BACKEND, QUICKLLM_SYNC_CHECKS, TRITON_INTERPRET. After changing one of them in a running
-    process, call reload_settings(); use_backend() is the way to switch backends for a block."""
-    if not _settings:
-        _settings.update(backend=os.environ.get("QUICKLLM_BACKEND", "auto"),
-                         sync_checks=os.environ.get("QUICKLLM_SYNC_CHECKS", "0") == "1",
-                         triton_interpret=os.environ.get("TRITON_INTERPRET", "0") == "1")
-    return _settings
+    """The process's settings from the environment, read once, at the first op call (not on every
+    call): QUICKLLM_BACKEND, QUICKLLM_SYNC_CHECKS, TRITON_INTERPRET. After changing one of them in a
+    running process, call reload_settings(); use_backend() is the way to switch backends for a block.
+    Treat the dict as read-only: each reading is a new dict, so a reader never sees a half-filled one."""
+    global _settings
+    current = _settings
+    if current is None:
+        current = _settings = _read_settings()
+    return current
 
 
 def reload_settings() -> None:
     """Read QUICKLLM_BACKEND, QUICKLLM_SYNC_CHECKS and TRITON_INTERPRET again."""
-    _settings.clear()
+    global _settings
+    _settings = None
 
 
 def requested_backend() -> str:
@@ -130,8 +146,9 @@ def unavailable_reason(backend: str, op: str, device: torch.device, kernel_limit
             if not _library.CUDA_EXT_LOADED:
                 return f"the CUDA kernels are not loaded ({_library.CUDA_EXT_STATUS})"
             return f"the cuda backend needs CUDA tensors; got tensors on {device}"
-        # First CUDA use: load the kernels (compiled once for this GPU, then from the cache).
-        if not _library.CUDA_EXT_LOADED and not _library.ensure_cuda_extension(build=build):
+        # First CUDA use: load the kernels (compiled once for this GPU, then from the cache), and the
+        # sm_90a library after them (also when the ahead-of-time _C was loaded at import).
+        if not (_library.CUDA_EXT_LOADED and _library._sm90a_done) and not _library.ensure_cuda_extension(build=build):
             return f"the CUDA kernels are not loaded ({_library.CUDA_EXT_STATUS})"
         if not _library.has_cuda_kernel(op):
             return f"the CUDA kernels include none for {op}"

@@ -70,3 +70,49 @@ def test_profiler_still_sees_the_op():
     with torch.profiler.profile() as prof:
         qk.apply_rope(*args[:4])
     assert any("quickllm::apply_rope" in e.name for e in prof.events())
+
+
+def test_jit_trace_neg_views_and_forward_ad_go_through_torch_ops():
+    args = _rope_args()
+    seen = []
+    traced = torch.jit.trace(lambda q, k: seen.append(_op._plain_eager((q, k))) or qk.apply_rope(q, k, args[2], args[3]),
+                             (args[0], args[1]), check_trace=False)
+    assert seen == [False] and "quickllm::apply_rope" in str(traced.graph)
+    assert not _op._plain_eager((torch._neg_view(torch.randn(3)),))
+    assert not _op._plain_eager((torch.randn(3, dtype=torch.complex64).conj(),))
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        assert not _op._plain_eager(args)
+
+
+def test_use_backend_blocks_that_exit_out_of_order_leave_nothing_behind():
+    """What torch.compile's traces read (a guarded global) follows the innermost open block, and
+    blocks of two threads that close out of order each take only their own entry away."""
+    import threading
+
+    from quickllm_kernels import backend
+
+    steps = {name: threading.Event() for name in ("a_in", "b_in", "a_out", "b_out")}
+    seen = {}
+
+    def thread_a():
+        with qk.use_backend("triton"):
+            steps["a_in"].set()
+            steps["b_in"].wait(10)
+        steps["a_out"].set()
+
+    def thread_b():
+        steps["a_in"].wait(10)
+        with qk.use_backend("cuda"):
+            steps["b_in"].set()
+            steps["a_out"].wait(10)  # the outer block (thread a) has closed first
+            seen["while_b_open"] = backend.traced_requested_backend()
+
+    threads = [threading.Thread(target=f) for f in (thread_a, thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen["while_b_open"] == "cuda"
+    assert backend._traced_override is None and backend.traced_requested_backend() == "auto"
+    assert backend.requested_backend() == "auto"  # this thread's own setting was never touched

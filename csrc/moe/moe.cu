@@ -207,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits, cons
               "top_k <= topk_group * E / n_group), got n_group ", n_group, ", topk_group ", topk_group);
   if (bias) {
     TORCH_CHECK(bias->device() == logits.device() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
-                    bias->size(0) == E && bias->stride(0) == 1,
+                    bias->size(0) == E && (E == 1 || bias->stride(0) == 1),
                 "moe_route: correction_bias must be a contiguous float32 [", E, "] on router_logits' device");
   }
   const c10::cuda::CUDAGuard guard(logits.device());

@@ -41,7 +41,7 @@ def _check(logits, bias, top_k, sigmoid, renormalize, n_group, topk_group, scale
             raise ValueError(f"moe_route: correction_bias must be on router_logits' device {logits.device}, "
                              f"got {bias.device}")
     if n_group < 0 or topk_group < 0:
-        raise ValueError(f"moe_route: n_group and topk_group must be positive, got {n_group} and {topk_group}")
+        raise ValueError(f"moe_route: n_group and topk_group must not be negative, got {n_group} and {topk_group}")
     if n_group > 1:
         if e % n_group:
             raise ValueError(f"moe_route: the number of experts ({e}) must be divisible by n_group ({n_group})")

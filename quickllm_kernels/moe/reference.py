@@ -30,8 +30,11 @@ def choice_of(scores, bias, n_group: int, topk_group: int) -> torch.Tensor:
         t, e = choice.shape
         g = choice.view(t, n_group, e // n_group)
         group_scores = g.topk(min(2, e // n_group), dim=-1).values.sum(-1)
+        group_scores = torch.where(group_scores.isnan(), float("-inf"), group_scores)  # inf + -inf
+        # the best groups, the lower group first among equal scores (a stable sort), as the kernels do
+        best = group_scores.sort(dim=-1, descending=True, stable=True).indices[:, :topk_group]
         keep = torch.zeros(t, n_group, dtype=torch.bool, device=choice.device)
-        keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
+        keep.scatter_(1, best, True)
         choice = choice.masked_fill(~keep.repeat_interleave(e // n_group, 1), float("-inf"))
     return choice
 

@@ -122,6 +122,28 @@ def test_ties_go_to_the_lower_expert_and_nan_rows_stay_in_range(backend_name):
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
+def test_ties_between_groups_go_to_the_lower_group(backend_name):
+    """A zero-initialised router: every score ties, so the lower groups and the lower experts win, on
+    every backend alike."""
+    with qk.use_backend(backend_name):
+        w, ids = qk.moe_route(torch.zeros(2, 32, device=DEVICE), 4, scoring="sigmoid", n_group=8, topk_group=2)
+    assert ids.tolist() == [[0, 1, 2, 3]] * 2
+    torch.testing.assert_close(w, torch.full((2, 4), 0.25, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("e", [1, 32, 64, 1024])
+def test_expert_counts_at_the_edges(backend_name, e):
+    logits = torch.randn(3, e, generator=gen(e)).to(DEVICE, torch.float16)
+    bias = torch.zeros(3, e, device=DEVICE)[0:1, 0] if e == 1 else None  # a size-1 bias with stride e
+    want_w, want_ids = ref.moe_route(logits, bias, min(e, 2), False, True, 0, 0, 1.0)
+    with qk.use_backend(backend_name):
+        w, ids = qk.moe_route(logits, min(e, 2), correction_bias=bias)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(w, want_w, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
 def test_empty_batch(backend_name):
     with qk.use_backend(backend_name):
         w, ids = qk.moe_route(torch.randn(0, 8, device=DEVICE), 2)
