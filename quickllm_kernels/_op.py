@@ -169,6 +169,12 @@ def _sync_checks_wanted(device: torch.device) -> bool:
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
+def unit_last(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its last dim has stride 1 (or at most one element), else a contiguous copy: the
+    layout every kernel of the package reads rows in."""
+    return t if t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
 OPS: dict[str, Op] = {}
 TRITON_TWINS: dict[str, Callable] = {}  # name -> quickllm::_triton_<name>, a torch.library.triton_op
 

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .._op import Impl, Op, call, define
+from .._op import Impl, Op, call, define, unit_last
 from . import reference as ref
 
 __all__ = ["weight_dequant", "act_quant", "fp8_block_gemm", "FP8", "FP8_MAX", "fp8_gemm_supported"]
@@ -70,10 +70,6 @@ def _check_scale(op, name, s, shape, device):
         raise ValueError(f"{op}: {name} must be on the same device as the fp8 values ({device}), got {s.device}")
 
 
-def _unit_last(t):
-    return t if t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
 # --------------------------------------------------------------------------------------------
 # weight_dequant
 # --------------------------------------------------------------------------------------------
@@ -90,7 +86,7 @@ def _dequant_check(w, scale_inv, block_m, block_n, out_dtype):
 
 def _dequant_triton(w, scale_inv, block_m, block_n, out_dtype):
     from . import triton as tri
-    return tri.weight_dequant(_unit_last(w), scale_inv, (block_m, block_n), out_dtype)
+    return tri.weight_dequant(unit_last(w), scale_inv, (block_m, block_n), out_dtype)
 
 
 def _dequant_fake(w, scale_inv, block_m, block_n, out_dtype):
@@ -99,9 +95,9 @@ def _dequant_fake(w, scale_inv, block_m, block_n, out_dtype):
 
 define(Op(
     name="weight_dequant", family="fp8", check=_dequant_check, fake=_dequant_fake,
-    reference=lambda w, s, bm, bn, out_dtype: ref.weight_dequant(_unit_last(w), s, (bm, bn), out_dtype),
+    reference=lambda w, s, bm, bn, out_dtype: ref.weight_dequant(unit_last(w), s, (bm, bn), out_dtype),
     triton=Impl(_dequant_triton),
-    cuda=Impl(lambda kernel, w, s, bm, bn, out_dtype: kernel(_unit_last(w), s, bm, bn, out_dtype)),
+    cuda=Impl(lambda kernel, w, s, bm, bn, out_dtype: kernel(unit_last(w), s, bm, bn, out_dtype)),
     kernel_limit=lambda w, s, bm, bn, out_dtype: _float64_limit(out_dtype)))
 
 
@@ -126,7 +122,7 @@ def _act_shapes(x, group):
 
 def _act_triton(x, group, ue8m0):
     from . import triton as tri
-    x2 = _unit_last(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if x.dim() != 2 else x)
+    x2 = unit_last(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if x.dim() != 2 else x)
     q, s = tri.act_quant(x2, group, ue8m0)
     q_shape, s_shape = _act_shapes(x, group)
     return q.view(q_shape), s.view(s_shape)
@@ -181,7 +177,7 @@ _CUDA_GEMM_MAX_N = 65535 * 64
 
 def _gemm_cuda_supports(a, a_scales, b, b_scales, out_dtype):
     """Why the CUDA GEMM cannot take this call: its 16-byte loads and its grid."""
-    a, b = _unit_last(a), _unit_last(b)
+    a, b = unit_last(a), unit_last(b)
     k = a.shape[1]
     if k % 16 or not (_aligned(a) and _aligned(b)):
         return (f"K = {k} or row strides that are not multiples of 16 bytes (its 16-byte loads need K % 16 == 0 "
@@ -216,7 +212,7 @@ def _gemm_order(device, args):
 
 def _gemm_triton(a, a_scales, b, b_scales, out_dtype):
     from . import triton as tri
-    return tri.fp8_block_gemm(_unit_last(a), a_scales, _unit_last(b), b_scales, out_dtype)
+    return tri.fp8_block_gemm(unit_last(a), a_scales, unit_last(b), b_scales, out_dtype)
 
 
 def _gemm_fake(a, a_scales, b, b_scales, out_dtype):
@@ -225,9 +221,9 @@ def _gemm_fake(a, a_scales, b, b_scales, out_dtype):
 
 define(Op(
     name="fp8_block_gemm", family="fp8", check=_gemm_check, fake=_gemm_fake,
-    reference=lambda a, sa, b, sb, out_dtype: ref.fp8_block_gemm(_unit_last(a), sa, _unit_last(b), sb, out_dtype),
+    reference=lambda a, sa, b, sb, out_dtype: ref.fp8_block_gemm(unit_last(a), sa, unit_last(b), sb, out_dtype),
     triton=Impl(_gemm_triton),
-    cuda=Impl(lambda kernel, a, sa, b, sb, out_dtype: kernel(_unit_last(a), sa, _unit_last(b), sb, out_dtype),
+    cuda=Impl(lambda kernel, a, sa, b, sb, out_dtype: kernel(unit_last(a), sa, unit_last(b), sb, out_dtype),
               supports=_gemm_cuda_supports),
     kernel_limit=lambda a, sa, b, sb, out_dtype: "float64 output" if out_dtype == torch.float64 else None,
     device_limit=_device_limit, auto_order=_gemm_order))

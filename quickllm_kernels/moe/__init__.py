@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .._op import Impl, Op, call, define
+from .._op import Impl, Op, call, define, unit_last
 from . import reference as ref
 
 __all__ = ["moe_route"]
@@ -62,13 +62,9 @@ def _kernel_limit(logits, bias, top_k, *_):
     return None
 
 
-def _unit_last(t):
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
 def _triton(logits, bias, *args):
     from . import triton as tri
-    return tri.moe_route(_unit_last(logits), None if bias is None else bias.float().contiguous(), *args)
+    return tri.moe_route(unit_last(logits), None if bias is None else bias.float().contiguous(), *args)
 
 
 def _cuda_supports(logits, bias, top_k, sigmoid, renormalize, n_group, topk_group, scale):
@@ -76,7 +72,7 @@ def _cuda_supports(logits, bias, top_k, sigmoid, renormalize, n_group, topk_grou
 
 
 def _cuda(kernel, logits, bias, *args):
-    return kernel(_unit_last(logits), None if bias is None else bias.float().contiguous(), *args)
+    return kernel(unit_last(logits), None if bias is None else bias.float().contiguous(), *args)
 
 
 def _fake(logits, bias, top_k, *_):

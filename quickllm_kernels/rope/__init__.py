@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .._op import Impl, Op, call, define
+from .._op import Impl, Op, call, define, unit_last
 from . import reference as ref
 
 __all__ = ["rope_cache", "rope_inv_freq", "rope_softmax_scale", "apply_rope"]
@@ -216,17 +216,13 @@ def _check_positions(q, k, positions, cos_sin_cache, is_neox, inverse):
                          f"got values in [{lo}, {hi}]")
 
 
-def _unit_last_stride(x):
-    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
-
-
 def _kernel_limit(q, k, positions, cos_sin_cache, is_neox, inverse):
     return "float64 inputs" if q.dtype == torch.float64 else None
 
 
 def _kernel_args(q, k, positions, cos_sin_cache, is_neox, inverse):
     """What the kernels take: unit last strides (any other strides), contiguous positions and table."""
-    return (_unit_last_stride(q), _unit_last_stride(k), positions.contiguous(), cos_sin_cache.contiguous(),
+    return (unit_last(q), unit_last(k), positions.contiguous(), cos_sin_cache.contiguous(),
             is_neox, inverse)
 
 
