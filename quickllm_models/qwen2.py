@@ -54,13 +54,26 @@ class Qwen2Config:
         `rope_parameters`)."""
         if d.get("use_sliding_window"):
             raise NotImplementedError("Qwen2Config: sliding-window attention layers are not supported")
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", None) or d.get("rope_theta", 10000.0)
-        if rope.get("rope_type", rope.get("type", "default")) == "default":
-            rope = None
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in fields and k not in ("rope_scaling", "rope_theta")}
-        return cls(**kw, rope_theta=theta, rope_scaling=rope or None)
+        return cls(**config_fields(cls, d))
+
+
+def rope_from_hf(d: dict, default_theta: float = 10000.0) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling or None for plain RoPE) of a Hugging Face config dict: transformers 4.x
+    `rope_theta` + `rope_scaling`, or 5.x `rope_parameters` (which holds rope_theta)."""
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", None) or d.get("rope_theta") or default_theta
+    if rope.get("rope_type", rope.get("type", "default")) == "default":
+        rope = None
+    return theta, rope or None
+
+
+def config_fields(cls, d: dict, default_theta: float = 10000.0) -> dict:
+    """The keyword arguments of config dataclass `cls` found in Hugging Face config dict `d`, RoPE
+    parsed by rope_from_hf."""
+    theta, rope = rope_from_hf(d, default_theta)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in d.items() if k in fields and k not in ("rope_scaling", "rope_theta")}
+    return dict(kw, rope_theta=theta, rope_scaling=rope)
 
 
 PRESETS = {
@@ -105,12 +118,13 @@ class Qwen2RMSNorm(nn.Module):
 
 
 class Qwen2Attention(nn.Module):
-    def __init__(self, cfg: Qwen2Config, layer: int):
+    def __init__(self, cfg: Qwen2Config, layer: int, *, bias: bool = True):
+        """bias: q/k/v projections with a bias (Qwen2) or without (Llama, Mistral, Mixtral)."""
         super().__init__()
         self.layer, self.hq, self.hk, self.d = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_head
-        self.q_proj = nn.Linear(cfg.hidden_size, self.hq * self.d, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.hk * self.d, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.hk * self.d, bias=True)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.hq * self.d, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.hk * self.d, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.hk * self.d, bias=bias)
         self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
 
     def forward(self, x, positions, rope, attn_mask, cache: KVCache | None):
@@ -161,15 +175,20 @@ class Qwen2Model(nn.Module):
         self.norm = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class Qwen2ForCausalLM(nn.Module):
-    def __init__(self, cfg: Qwen2Config, *, backend: str | None = None, max_positions: int | None = None):
+class DecoderForCausalLM(nn.Module):
+    """The causal-LM shell every model of quickllm_models shares: token embedding and decoder layers
+    (`model_class`, built from the config), final norm, lm_head (tied when the config says so), the
+    cos/sin table, the KV cache, forward and greedy generation."""
+    model_class: type
+
+    def __init__(self, cfg, *, backend: str | None = None, max_positions: int | None = None):
         """max_positions: rows of the cos/sin table (default cfg.max_position_embeddings), fixed here
         so that a forward never syncs with the host or replaces a buffer (CUDA graphs); a position
         past it raises on the CPU and gives NaN on a GPU (apply_rope's contract)."""
         super().__init__()
         self.config, self.backend = cfg, backend
         self.max_positions = max_positions or cfg.max_position_embeddings
-        self.model = Qwen2Model(cfg)
+        self.model = self.model_class(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -196,27 +215,10 @@ class Qwen2ForCausalLM(nn.Module):
             return self._forward(input_ids, attention_mask, position_ids, cache, return_hidden)
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, return_hidden):
-        b, t = input_ids.shape
-        dev = input_ids.device
         start = cache.length if cache is not None else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(b, t, dtype=torch.bool, device=dev)
-        attention_mask = attention_mask.bool()
-        if cache is not None:
-            cache.key_mask[:, start : start + t] = attention_mask
-            key_mask = cache.key_mask[:, : start + t]
-        else:
-            key_mask = attention_mask
-        if position_ids is None:  # real tokens are numbered from 0, padding does not count
-            position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
-        # causal over absolute slots, only real keys; every query may at least see itself (so padded
-        # queries never see an empty row)
-        q_slot = torch.arange(start, start + t, device=dev)[:, None]
-        k_slot = torch.arange(start + t, device=dev)[None, :]
-        allowed = (k_slot <= q_slot)[None] & key_mask[:, None, :]
-        allowed = allowed | (k_slot == q_slot)[None]
-        attn_mask = allowed[:, None]  # [B, 1, T, S]
-
+        t = input_ids.shape[1]
+        position_ids, attn_mask = attention_inputs(input_ids, attention_mask, position_ids, cache,
+                                                   sliding_window=getattr(self.config, "sliding_window", None))
         x = self.model.embed_tokens(input_ids)  # [B, T, H]
         for layer in self.model.layers:
             x = layer(x, position_ids, self.rope, attn_mask, cache)
@@ -227,6 +229,36 @@ class Qwen2ForCausalLM(nn.Module):
             return CausalLMOutput(logits=None, hidden_states=x)
         return CausalLMOutput(logits=self.lm_head(x))
 
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int, eos_token_id: int | None = None,
+                 pad_token_id: int | None = None) -> torch.Tensor:
+        """Greedy decoding with the KV cache: the prompt ids [B, P] (left padded, `attention_mask`
+        [B, P]) followed by up to max_new_tokens argmax tokens, [B, P + n]. After its eos_token_id a row
+        gets pad_token_id (default: eos_token_id); decoding stops early once every row has ended, as
+        transformers' generate(do_sample=False) does."""
+        b, p = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        pad = eos_token_id if pad_token_id is None else pad_token_id
+        cache = self.new_cache(b, p + max_new_tokens)
+        logits = self(input_ids, attention_mask=attention_mask, cache=cache).logits[:, -1]  # [B, V]
+        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        out = []
+        for i in range(max_new_tokens):
+            tok = logits.argmax(-1)  # [B]
+            if eos_token_id is not None:
+                tok = torch.where(done, torch.full_like(tok, pad), tok)
+                done = done | (tok == eos_token_id)
+            out.append(tok)
+            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+                break
+            logits = self(tok[:, None], attention_mask=torch.ones_like(tok)[:, None], cache=cache).logits[:, -1]
+        return torch.cat([input_ids, torch.stack(out, 1)], 1) if out else input_ids
+
+
+class Qwen2ForCausalLM(DecoderForCausalLM):
+    model_class = Qwen2Model
+
     # ---- checkpoints ------------------------------------------------------------------------------
 
     @classmethod
@@ -234,36 +266,85 @@ class Qwen2ForCausalLM(nn.Module):
                         max_positions=None) -> "Qwen2ForCausalLM":
         """Load a Hugging Face Qwen2 directory: config.json and model.safetensors, or shards listed in
         model.safetensors.index.json. Weights keep their stored dtype unless `dtype` is given."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        cfg = Qwen2Config.from_hf(json.loads((path / "config.json").read_text()))
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (path / "model.safetensors").exists():
-            files = ["model.safetensors"]
-        else:
-            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        cfg = Qwen2Config.from_hf(json.loads((Path(path) / "config.json").read_text()))
+        state = read_safetensors(path)
         with torch.device("meta"):
             model = cls(cfg, backend=backend, max_positions=max_positions)
-        state = {}
-        for name in files:
-            with safe_open(str(path / name), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    state[key] = f.get_tensor(key)
-        if cfg.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-        missing, unexpected = expected - set(state), set(state) - expected
-        if missing or unexpected:
-            raise ValueError(f"{path}: checkpoint does not match Qwen2: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
-        model.load_state_dict(state, strict=False, assign=True)
-        if cfg.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        model.rope = model._rope_table()
-        if dtype is not None:
-            model.to(dtype)
-            model.rope = model.rope.float()
-        return model.to(device) if device is not None else model
+        return load_checkpoint_state(model, state, path, dtype=dtype, device=device)
+
+
+# ---- shared with the other models of quickllm_models ------------------------------------------------
+
+
+def attention_inputs(input_ids, attention_mask, position_ids, cache: KVCache | None, sliding_window: int | None = None):
+    """(position_ids [B, T], boolean attention mask [B, 1, T, S]) for T new tokens after cache.length.
+
+    attention_mask [B, T]: 1 = real token, 0 = padding (None: all real). Positions count the real tokens
+    before each one. A query sees the real keys at its slot and before it (within `sliding_window`
+    slots: key slot > query slot - sliding_window, as transformers masks); every query sees at least
+    itself, so padded queries never get an empty row. Records the new tokens' mask in the cache."""
+    b, t = input_ids.shape
+    dev = input_ids.device
+    start = cache.length if cache is not None else 0
+    if attention_mask is None:
+        attention_mask = torch.ones(b, t, dtype=torch.bool, device=dev)
+    attention_mask = attention_mask.bool()
+    if cache is not None:
+        cache.key_mask[:, start : start + t] = attention_mask
+        key_mask = cache.key_mask[:, : start + t]
+    else:
+        key_mask = attention_mask
+    if position_ids is None:  # real tokens are numbered from 0, padding does not count
+        position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+    # causal over absolute slots, only real keys
+    q_slot = torch.arange(start, start + t, device=dev)[:, None]
+    k_slot = torch.arange(start + t, device=dev)[None, :]
+    causal = k_slot <= q_slot
+    if sliding_window is not None:
+        causal = causal & (k_slot > q_slot - sliding_window)
+    allowed = causal[None] & key_mask[:, None, :]
+    allowed = allowed | (k_slot == q_slot)[None]
+    return position_ids, allowed[:, None]  # [B, 1, T, S]
+
+
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face directory's model.safetensors, or of the shards listed in
+    model.safetensors.index.json, on the CPU in its stored dtype."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for name in files:
+        with safe_open(str(path / name), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                state[key] = f.get_tensor(key)
+    return state
+
+
+def load_checkpoint_state(model, state: dict, path, *, dtype=None, device=None):
+    """Assign checkpoint tensors (names as the model's state_dict) to a model built on the meta device:
+    every name must match; lm_head is tied again when the config ties it; the RoPE table is rebuilt
+    (float32 whatever `dtype` the weights take)."""
+    tie = model.config.tie_word_embeddings
+    if tie:
+        state.pop("lm_head.weight", None)
+    expected = {k for k in model.state_dict() if not (tie and k == "lm_head.weight")}
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match {type(model).__name__}: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if tie:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rope = model._rope_table()
+    if dtype is not None:
+        model.to(dtype)
+        model.rope = model.rope.float()
+    return model.to(device) if device is not None else model

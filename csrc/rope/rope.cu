@@ -24,29 +24,6 @@
 namespace quickllm {
 namespace {
 
-// Loads N elements; ALIGNED uses one vector access (the host checked alignment), else scalars.
-template <bool ALIGNED, int N, typename T>
-__device__ __forceinline__ Pack<T, N> load(const T* p) {
-  if constexpr (ALIGNED) {
-    return *reinterpret_cast<const Pack<T, N>*>(p);
-  } else {
-    Pack<T, N> r;
-#pragma unroll
-    for (int i = 0; i < N; ++i) r.v[i] = p[i];
-    return r;
-  }
-}
-
-template <bool ALIGNED, int N, typename T>
-__device__ __forceinline__ void store(T* p, const Pack<T, N>& x) {
-  if constexpr (ALIGNED) {
-    *reinterpret_cast<Pack<T, N>*>(p) = x;
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) p[i] = x.v[i];
-  }
-}
-
 struct HeadsView {
   const void* in;
   void* out;

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from lm_checks import assert_cached_decode_matches  # noqa: E402
 from quickllm_models.qwen2 import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -53,24 +54,7 @@ def test_yarn_rope_config(tmp_path):
 def test_kv_cache_and_left_padding_match_transformers(tmp_path):
     hf = _hf_model(tmp_path)
     ours = Qwen2ForCausalLM.from_pretrained(tmp_path).eval()
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 97, (2, 9), generator=g)
-    mask = torch.ones(2, 9, dtype=torch.long)
-    mask[1, :3] = 0  # second row left-padded
-    with torch.no_grad():
-        full = ours(ids, attention_mask=mask).logits
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        want = hf(ids, attention_mask=mask, position_ids=pos).logits
-        real = mask.bool()
-        torch.testing.assert_close(full[real], want[real], rtol=1e-5, atol=1e-5)
-        # prefill 5 tokens, then decode the remaining 4 one at a time
-        cache = ours.new_cache(2, 16)
-        parts = [ours(ids[:, :5], attention_mask=mask[:, :5], cache=cache).logits]
-        for i in range(5, 9):
-            parts.append(ours(ids[:, i : i + 1], attention_mask=mask[:, i : i + 1], cache=cache).logits)
-        stepped = torch.cat(parts, 1)
-    assert cache.length == 9
-    torch.testing.assert_close(stepped[real], full[real], rtol=1e-5, atol=1e-5)
+    assert_cached_decode_matches(ours, hf, 97, rtol=1e-5, atol=1e-5)
 
 
 def test_hidden_states_feed_the_fused_logprobs(tmp_path):
