@@ -9,6 +9,7 @@ from .info import info
 from .fp8 import act_quant, fp8_block_gemm, weight_dequant
 from .fp8.linear import FP8Linear
 from .logprobs import linear_token_logprobs, token_logprobs
+from .mla import mla_absorb, mla_cache_write, mla_decode
 from .moe import (fp8_grouped_gemm, grouped_mm, moe_align_block_size, moe_combine, moe_experts, moe_permute,
                   moe_route, moe_sort, silu_mul)
 from .rope import apply_rope, rope_cache, rope_inv_freq, rope_softmax_scale
@@ -19,7 +20,7 @@ __all__ = [
     "apply_rope", "rope_cache", "rope_inv_freq", "rope_softmax_scale", "token_logprobs", "linear_token_logprobs",
     "weight_dequant", "act_quant", "fp8_block_gemm", "FP8Linear", "moe_route",
     "grouped_mm", "fp8_grouped_gemm", "moe_sort", "moe_align_block_size", "moe_permute", "moe_combine", "silu_mul",
-    "moe_experts",
+    "moe_experts", "mla_decode", "mla_cache_write", "mla_absorb",
     "group_advantages", "grpo_loss", "grpo_loss_from_hidden",
     "use_backend", "BackendUnavailable", "last_backends", "reload_settings", "info", "__version__",
 ]
