@@ -1,5 +1,17 @@
 """Checks every causal LM of quickllm_models passes against its transformers twin."""
+from pathlib import Path
+
 import torch
+from safetensors import safe_open
+
+
+def stored_keys(path) -> set:
+    """The tensor names of every safetensors file in a checkpoint directory."""
+    keys = set()
+    for f in Path(path).glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            keys |= set(st.keys())
+    return keys
 
 
 def assert_cached_decode_matches(ours, hf, vocab: int, seed: int = 3, rtol: float = 1e-5, atol: float = 1e-5):

@@ -13,11 +13,10 @@ from conftest import DEVICE, gen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import quickllm_kernels as qk  # noqa: E402
-from lm_checks import assert_cached_decode_matches  # noqa: E402
+from lm_checks import assert_cached_decode_matches, stored_keys  # noqa: E402
 from quickllm_models.mixtral import MixtralConfig, MixtralForCausalLM  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
-from safetensors import safe_open  # noqa: E402
 
 V = 128
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32, as the Qwen2 tests
@@ -47,19 +46,11 @@ def _hf_model(tmp_path, *, layout="stacked", shard=False, sliding_window=None, s
     return hf
 
 
-def _stored_keys(path):
-    keys = set()
-    for f in Path(path).glob("*.safetensors"):
-        with safe_open(str(f), framework="pt") as st:
-            keys |= set(st.keys())
-    return keys
-
-
 @pytest.mark.parametrize("layout,shard", [("stacked", False), ("legacy", False), ("legacy", True)])
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_logits_match_transformers(tmp_path, layout, shard, backend):
     hf = _hf_model(tmp_path, layout=layout, shard=shard)
-    keys = _stored_keys(tmp_path)
+    keys = stored_keys(tmp_path)
     assert ("model.layers.1.mlp.experts.gate_up_proj" in keys) == (layout == "stacked")
     assert ("model.layers.1.block_sparse_moe.experts.3.w3.weight" in keys) == (layout == "legacy")
     assert (tmp_path / "model.safetensors.index.json").exists() == shard
