@@ -34,3 +34,22 @@ def assert_cached_decode_matches(ours, hf, vocab: int, seed: int = 3, rtol: floa
         stepped = torch.cat(parts, 1)
     assert cache.length == 9
     torch.testing.assert_close(stepped[real], full[real], rtol=rtol, atol=atol)
+
+
+def assert_greedy_generation_matches(ours, hf, vocab: int, seed: int):
+    """Greedy generation with a left-padded row gives transformers' tokens; then a token the first
+    row emits becomes the eos: that row pads, the other runs on, and decoding stops once both have
+    ended, as in transformers."""
+    ids = torch.randint(3, vocab, (2, 7), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    ids[1, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=10)
+    got = ours.generate(ids, **kw)
+    want = hf.generate(ids, do_sample=False, eos_token_id=None, **kw)
+    assert got.shape == (2, 17)
+    assert torch.equal(got, want), (got[:, 7:], want[:, 7:])
+    eos = int(got[0, 9])
+    got = ours.generate(ids, eos_token_id=eos, pad_token_id=0, **kw)
+    want = hf.generate(ids, do_sample=False, eos_token_id=eos, pad_token_id=0, **kw)
+    assert torch.equal(got, want), (got[:, 7:], want[:, 7:])

@@ -24,7 +24,7 @@ from conftest import DEVICE, gen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import quickllm_kernels as qk  # noqa: E402
-from lm_checks import assert_cached_decode_matches, stored_keys  # noqa: E402
+from lm_checks import assert_cached_decode_matches, assert_greedy_generation_matches, stored_keys  # noqa: E402
 from quickllm_models.deepseek_v3 import (DeepseekV3Config, DeepseekV3ForCausalLM, MLACache,  # noqa: E402
                                          prepare_state)
 
@@ -172,19 +172,7 @@ def test_absorbed_decode_equals_expanded(tmp_path, variant):
 def test_greedy_generation_matches_transformers(tmp_path, variant):
     hf = _hf_model(tmp_path, seed=4, **VARIANTS[variant])
     ours = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
-    ids = torch.randint(3, V, (2, 7), generator=gen(4))
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, :3] = 0  # second row left-padded
-    ids[1, :3] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=10)
-    got = ours.generate(ids, **kw)
-    want = hf.generate(ids, do_sample=False, eos_token_id=None, **kw)
-    assert got.shape == (2, 17)
-    assert torch.equal(got, want), (got[:, 7:], want[:, 7:])
-    eos = int(got[0, 9])  # the first row ends early, the other runs on, as in transformers
-    got = ours.generate(ids, eos_token_id=eos, pad_token_id=0, **kw)
-    want = hf.generate(ids, do_sample=False, eos_token_id=eos, pad_token_id=0, **kw)
-    assert torch.equal(got, want), (got[:, 7:], want[:, 7:])
+    assert_greedy_generation_matches(ours, hf, V, seed=4)
 
 
 def test_fp8_checkpoint_matches_dequantised(tmp_path):

@@ -13,7 +13,7 @@ from conftest import DEVICE, gen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import quickllm_kernels as qk  # noqa: E402
-from lm_checks import assert_cached_decode_matches, stored_keys  # noqa: E402
+from lm_checks import assert_cached_decode_matches, assert_greedy_generation_matches, stored_keys  # noqa: E402
 from quickllm_models.mixtral import MixtralConfig, MixtralForCausalLM  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -67,21 +67,7 @@ def test_logits_match_transformers(tmp_path, layout, shard, backend):
 def test_greedy_generation_matches_transformers(tmp_path, layout):
     hf = _hf_model(tmp_path, layout=layout, seed=1)
     ours = MixtralForCausalLM.from_pretrained(tmp_path).eval()
-    ids = torch.randint(3, V, (2, 7), generator=gen(2))
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, :3] = 0  # second row left-padded
-    ids[1, :3] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=10)
-    got = ours.generate(ids, **kw)
-    want = hf.generate(ids, do_sample=False, eos_token_id=None, **kw)
-    assert got.shape == (2, 17)
-    assert torch.equal(got, want), (got[:, 7:], want[:, 7:])
-    # a token the first row emits becomes the eos: that row then pads, the other runs on, and
-    # decoding stops once both have ended, as in transformers
-    eos = int(got[0, 9])
-    got = ours.generate(ids, eos_token_id=eos, pad_token_id=0, **kw)
-    want = hf.generate(ids, do_sample=False, eos_token_id=eos, pad_token_id=0, **kw)
-    assert torch.equal(got, want), (got[:, 7:], want[:, 7:])
+    assert_greedy_generation_matches(ours, hf, V, seed=2)
 
 
 def test_kv_cache_and_left_padding_match_transformers(tmp_path):
