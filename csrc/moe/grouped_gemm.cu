@@ -32,6 +32,8 @@
 #include <torch/library.h>
 
 #include "csrc/common/dispatch.cuh"
+#include "csrc/common/host_checks.h"
+#include "csrc/common/mma.cuh"
 #include "csrc/common/vec.cuh"
 
 #include <cuda_bf16.h>
@@ -50,43 +52,6 @@ constexpr int64_t kMaxDim = std::numeric_limits<int>::max() - 4096;
 
 // ------------------------------------------------------------------------------------------------
 // Device helpers.
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-[[maybe_unused]] __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-template <bool TRANS>
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  if constexpr (TRANS)
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-  else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // fp32 -> output type, round to nearest even (what torch's .to() does); store2 needs p 2-aligned.
 __device__ __forceinline__ void store1(float* p, float v) { *p = v; }
@@ -583,17 +548,6 @@ __global__ void __launch_bounds__(C::kThreads) fp8_grouped_kernel(const Fp8Param
 
 // ------------------------------------------------------------------------------------------------
 // Host side.
-
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
-// A dim of size 1 is only indexed at 0: its stride does not matter, and 0 passes every test below.
-int64_t stride_of(const at::Tensor& t, int d) { return t.size(d) == 1 ? 0 : t.stride(d); }
-
-void check_float(const char* op, const at::Tensor& t, const char* name) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
-              " must be float32, float16 or bfloat16, got ", st);
-}
 
 void check_offs(const char* op, const at::Tensor& offs, int64_t E, const at::Tensor& ref) {
   TORCH_CHECK(offs.device() == ref.device(), op, ": offs must be on the inputs' device ", ref.device(), ", got ",

@@ -5,7 +5,8 @@ rows, block_table, cache_seqlens) -> (out [B, Sq, H, head_dim_v], lse [B, H, Sq]
 cache and merged by LSE, deterministic, CUDA-graph safe, any page size, bf16/fp16/fp32, any GPU (not
 only Hopper). mla_cache_write: vLLM's concat_and_cache_mla. mla_absorb: the per-head W_UK and W_UV
 of transformers' kv_b_proj, for the absorbed query (q_nope @ W_UK) and output (@ W_UV).
-Backends: triton (mla/triton.py), reference (mla/reference.py, DeepSeek's einsum formulation).
+Backends: cuda (csrc/mla/mla.cu), triton (mla/triton.py), reference (mla/reference.py, DeepSeek's
+einsum formulation).
 """
 from __future__ import annotations
 
@@ -82,8 +83,13 @@ def _decode_triton(q, kv_cache, block_table, cache_seqlens, scale, head_dim_v, c
                           cache_seqlens.contiguous(), scale, head_dim_v, causal)
 
 
+def _decode_cuda(kernel, q, kv_cache, block_table, cache_seqlens, scale, head_dim_v, causal):
+    return tuple(kernel(unit_last(q), unit_last(ref.cache_rows(kv_cache)), block_table, cache_seqlens, scale,
+                        head_dim_v, causal))
+
+
 define(Op(name="mla_decode", family="mla", check=_decode_check, fake=_decode_fake, reference=ref.mla_decode,
-          triton=Impl(_decode_triton), sync_check=_decode_sync,
+          triton=Impl(_decode_triton), cuda=Impl(_decode_cuda), sync_check=_decode_sync,
           kernel_limit=lambda q, *_: "float64 inputs" if q.dtype == torch.float64 else None))
 
 
@@ -126,8 +132,15 @@ def _write_triton(kv_cache, slot_mapping, kv_c, k_pe):
     tri.mla_cache_write(cache, slot_mapping.contiguous(), unit_last(kv_c), unit_last(k_pe))
 
 
+def _write_cuda_supports(kv_cache, slot_mapping, kv_c, k_pe):
+    cache = ref.cache_rows(kv_cache)
+    return "a cache with strided rows" if cache.shape[-1] > 1 and cache.stride(-1) != 1 else None
+
+
 define(Op(name="mla_cache_write", family="mla", check=_write_check, fake=lambda *args: None,
-          reference=ref.mla_cache_write, triton=Impl(_write_triton), sync_check=_write_sync,
+          reference=ref.mla_cache_write, triton=Impl(_write_triton),
+          cuda=Impl(lambda kernel, kv_cache, slots, kv_c, k_pe: kernel(kv_cache, slots, unit_last(kv_c), unit_last(k_pe)),
+                    supports=_write_cuda_supports), sync_check=_write_sync,
           kernel_limit=lambda kv_cache, *_: "float64 inputs" if kv_cache.dtype == torch.float64 else None))
 
 

@@ -33,17 +33,17 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale: float, he
     k = cache[table.clamp(0, max(nb - 1, 0))].reshape(b, cap, d).to(acc)  # [B, cap, D]
     pos = torch.arange(cap, device=q.device)
     lens = cache_seqlens.long().clamp(0, cap)
-    inside = pos[None, :] < lens[:, None]  # [B, cap]
-    # rows past a sequence hold zeros (they get no weight); a page outside the cache makes NaN, never
-    # another page's values (the value checks report it where they run)
-    k = torch.where(inside[..., None], k, 0.0)
-    k = torch.where((inside & bad.repeat_interleave(page, 1))[..., None], float("nan"), k)
+    bad = bad.repeat_interleave(page, 1)  # [B, cap]: rows of pages outside the cache
+    k = torch.where((pos[None, :] < lens[:, None])[..., None] & ~bad[..., None], k, 0.0)  # only real rows
     limit = lens[:, None].expand(b, sq)  # [B, Sq]
     if causal:
         limit = (limit - sq + 1 + torch.arange(sq, device=q.device)).clamp(min=0)
     visible = pos[None, None, :] < limit[:, :, None]  # [B, Sq, cap]
     s = torch.einsum("bqhd,bkd->bqhk", q.to(acc), k) * softmax_scale
     s = s.masked_fill(~visible[:, :, None, :], float("-inf"))
+    # a page outside the cache makes NaN for the rows that see it, never another page's values (the
+    # value checks report it where they run)
+    s = s.masked_fill((visible & bad[:, None, :])[:, :, None, :], float("nan"))
     lse = torch.logsumexp(s, dim=-1)  # [B, Sq, H]; -inf where nothing is visible
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     out = torch.einsum("bqhk,bkd->bqhd", p, k[..., :head_dim_v])

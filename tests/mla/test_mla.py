@@ -233,3 +233,23 @@ def test_decode_compiles_and_exports():
 
     ep = torch.export.export(Step(), (q, cache, table, seqlens))
     assert any(n.target == torch.ops.quickllm.mla_decode.default for n in ep.graph.nodes)
+
+
+@pytest.mark.parametrize("backend_name", ["reference"] + KERNEL_BACKENDS)
+def test_a_bad_page_marks_only_the_rows_that_see_it(backend_name):
+    """Causal Sq = 5 over 8 tokens whose second page is outside the cache: query 0 sees positions
+    0..3 only and stays exact; the queries that reach position 4 come out NaN. (The kernels are
+    called past the value checks, as a GPU call without QUICKLLM_SYNC_CHECKS runs them.)"""
+    from quickllm_kernels import _library
+    from quickllm_kernels._op import OPS
+
+    cache, table, seqlens, rows = _paged([8], 4, 12, seed=29)
+    table[0, 1] = -3
+    q = torch.randn(1, 5, 2, 12, generator=gen(30)).to(DEVICE)
+    op = OPS["mla_decode"]
+    run = {"reference": op.reference, "triton": lambda *a: op.triton.fn(*a),
+           "cuda": lambda *a: op.cuda.fn(_library.cuda_kernel("mla_decode"), *a)}[backend_name]
+    out, lse = run(q, cache, table, seqlens, 0.5, 8, True)
+    want_out, _ = _oracle(q[:, :1], [rows[0][:4]], 0.5, 8, False)
+    torch.testing.assert_close(out[:, :1].double().cpu(), want_out, rtol=1e-5, atol=1e-5)
+    assert torch.isnan(out[:, 1:]).all() and torch.isfinite(lse[:, :, :1]).all()
