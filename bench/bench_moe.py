@@ -22,6 +22,7 @@ import torch
 
 import quickllm_kernels as qk
 from common import Case, Check, compiled, on_backend, rand, unavailable
+from quickllm_kernels.fp8 import reference as fp8_ref
 from quickllm_kernels.moe import reference as ref
 
 ROUTERS = {  # E, k, scoring, grouped (n_group, topk_group), bias, routed_scaling_factor
@@ -190,19 +191,14 @@ def gemm_inputs(model, tokens, kind, device, fp8: bool = False):
     if not fp8:
         return xp, w13, offs
     a, sa = qk.act_quant(xp)
-    wq, ws = zip(*(_block_quant(w) for w in w13))
-    return a, sa, torch.stack(wq), torch.stack(ws), offs
+    return (a, sa, *quant_experts(w13), offs)
 
 
-def _block_quant(w):
-    """A [N, K] weight as DeepSeek-V3 stores it: e4m3 with one float32 scale per 128 x 128 block."""
-    n, k = w.shape
-    bn, bk = -(-n // 128), -(-k // 128)
-    pad = torch.zeros(bn * 128, bk * 128, device=w.device)
-    pad[:n, :k] = w.float()
-    blocks = pad.view(bn, 128, bk, 128)
-    s = blocks.abs().amax((1, 3)).clamp_min(1e-10) / 448.0
-    return (blocks / s[:, None, :, None]).view(bn * 128, bk * 128)[:n, :k].to(torch.float8_e4m3fn), s
+def quant_experts(w):
+    """[E, N, K] weights as DeepSeek-V3 stores them: e4m3 with one float32 scale per 128 x 128 block
+    of each expert, (w_fp8 [E, N, K], scale_inv [E, ceil(N/128), ceil(K/128)])."""
+    q, s = zip(*(fp8_ref.weight_quant(m) for m in w))
+    return torch.stack(q), torch.stack(s)
 
 
 def gemm_providers(device, fp8: bool = False) -> dict:
@@ -343,8 +339,8 @@ def _fp8_layer_make(dev, small):
     t = 9 if small else 256
     x, w13, w2, w, ids = layer_inputs((e, k, h, i), t, "uniform", dev)
     x = x.float()  # activations are quantised to e4m3: float32 in, so kernels and reference quantise the same values
-    q13, s13 = (torch.stack(v) for v in zip(*(_block_quant(m) for m in w13)))
-    q2, s2 = (torch.stack(v) for v in zip(*(_block_quant(m) for m in w2)))
+    q13, s13 = quant_experts(w13)
+    q2, s2 = quant_experts(w2)
     return dict(x=x, w13=q13, s13=s13, w2=q2, s2=s2, w=w, ids=ids)
 
 

@@ -11,6 +11,7 @@ import torch
 from conftest import DEVICE, KERNEL_BACKENDS, assert_close, gen
 
 import quickllm_kernels as qk
+from quickllm_kernels.fp8 import reference as fp8_ref
 from quickllm_kernels.moe import reference as ref
 
 BACKENDS = ["reference"] + KERNEL_BACKENDS
@@ -163,24 +164,10 @@ def test_grouped_mm_kernels_stay_in_bounds_with_malformed_offs():
 
 
 def _fp8_weights(e, n, k, seed):
+    """[E, N, K] e4m3 weights with their 128 x 128 block scales, as DeepSeek-V3 stores experts."""
     w = _rand(e, n, k, seed=seed, scale=0.1)
-    q, s = [], []
-    for i in range(e):
-        wq, ws = _block_quant(w[i])
-        q.append(wq)
-        s.append(ws)
+    q, s = zip(*(fp8_ref.weight_quant(w[i]) for i in range(e)))
     return torch.stack(q), torch.stack(s)
-
-
-def _block_quant(w):
-    n, k = w.shape
-    bn, bk = math.ceil(n / 128), math.ceil(k / 128)
-    pad = torch.zeros(bn * 128, bk * 128, device=w.device)
-    pad[:n, :k] = w
-    blocks = pad.view(bn, 128, bk, 128)
-    s = blocks.abs().amax((1, 3)).clamp_min(1e-10) / 448.0
-    q = (blocks / s[:, None, :, None]).view(bn * 128, bk * 128)[:n, :k].to(torch.float8_e4m3fn)
-    return q, s
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
