@@ -2,18 +2,23 @@
 rope 64) over a paged latent cache (page 64), H = 128 heads (and 16: one GPU of a TP-8 group), Sq 1
 and 2 (speculative decode), batch 1/32/128, context 1k/4k/16k, and a batch of varying lengths.
 Bytes: the cache rows read once, q read and out written; FLOPs: the score and value products.
-Beside quickllm's kernels: the reference, torch.compile(reference) and FlashMLA when installed.
+Beside quickllm's kernels: the reference, torch.compile(reference), and FlashMLA and FlashInfer's
+MLA decode when installed. The `attn_*` cases time the whole attention from the projected query to
+the per-head values both ways: absorbed (W_UK folded into the query, mla_decode over the latent
+cache, W_UV after) and expanded (kv_b_proj applied to every cached latent row, SDPA over the keys and
+values that makes per head), the path a prefill takes and the one the absorbed decode replaces.
 
     python bench/run.py --op mla
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
 import quickllm_kernels as qk
-from common import Case, Check, compiled, on_backend, rand, unavailable
+from common import BASELINES, Case, Check, compiled, on_backend, rand, unavailable
 from quickllm_kernels.mla import reference as ref
 
 D, DV, PAGE = 576, 512, 64
@@ -61,7 +66,34 @@ def providers(dv, device) -> dict:
         out["FlashMLA"] = flashmla
     except ImportError as e:
         out["FlashMLA"] = f"not installed ({e.name})"
+    try:
+        import flashinfer.mla
+        out["FlashInfer"] = functools.partial(_flashinfer, flashinfer.mla, dv)
+    except ImportError as e:
+        out["FlashInfer"] = f"not installed ({e.name})"
     return out
+
+
+def _flashinfer(mla, dv, q, c, t, s):
+    """FlashInfer's BatchMLAPagedAttentionWrapper on the same pages: its own layout (the latent and
+    rope parts of the cache as two tensors, the pages of each sequence listed in kv_indices), planned
+    once outside the timing (plan reads the lengths on the host, as a serving step's planner does)."""
+    b, sq, h, d = q.shape
+    page = c.shape[1]
+    ckv, kpe = c[..., :dv].contiguous(), c[..., dv:].contiguous()
+    pages = (s.long() + page - 1) // page
+    kv_indptr = torch.cat([pages.new_zeros(1), pages.cumsum(0)]).int()
+    kv_indices = torch.cat([t[i, :int(pages[i])] for i in range(b)]).int()
+    qo_indptr = torch.arange(b + 1, dtype=torch.int32, device=q.device) * sq
+    wrapper = mla.BatchMLAPagedAttentionWrapper(torch.empty(128 << 20, dtype=torch.uint8, device=q.device))
+    wrapper.plan(qo_indptr, kv_indptr, kv_indices, s, h, dv, d - dv, page, True, SCALE, q.dtype, c.dtype)
+    q_nope, q_pe = q.reshape(b * sq, h, d)[..., :dv].contiguous(), q.reshape(b * sq, h, d)[..., dv:].contiguous()
+
+    def run():
+        o, lse = wrapper.run(q_nope, q_pe, ckv, kpe, return_lse=True)
+        # lse in base 2 (FlashInfer's convention) -> natural log, [B, H, Sq] as mla_decode's
+        return o.view(b, sq, h, dv), (lse.float() * math.log(2.0)).view(b, sq, h).transpose(1, 2)
+    return run
 
 
 def cases(device, smoke: bool = False) -> list[Case]:
@@ -83,7 +115,84 @@ def cases(device, smoke: bool = False) -> list[Case]:
             expected=lambda q, c, t, s: ref.mla_decode(q, c, t, s, SCALE, dv, True),
             nbytes=tokens * d * 2 + b * sq * h * (d + dv) * 2, flops=2 * sq * h * tokens * (d + dv), tol=2e-2,
             graph=True, matmul_ceiling=(max(sq * h, 16) * b, max(tokens // b, 16), d + dv),
+            baselines=dict(BASELINES, vs_flashinfer="FlashInfer", vs_flashmla="FlashMLA"),
             extra=dict(batch=b, q_len=sq, heads=h, context=label, tokens=tokens)))
+    return out + attention_cases(device, smoke)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention from the projected query to the per-head values: absorbed (W_UK into the query,
+# mla_decode over the latent cache, W_UV after) against expanded (kv_b_proj applied to every cached
+# latent row, keys and values per head, SDPA), the two ways of computing the same function
+# ------------------------------------------------------------------------------------------------
+
+NOPE, ROPE_DIMS, V_HEAD = 128, 64, 128
+ATTN = dict(heads=(128, 16), batches=(1, 32), contexts=(1024, 4096))
+ATTN_SMOKE = dict(heads=(4,), batches=(2,), contexts=(40,))
+
+
+def make_attention_inputs(b, h, ctx, r, dr, nope, vd, page, device):
+    """q_nope [B, 1, H, nope], q_pe [B, 1, H, dr], the latent cache (and its table and lengths) and
+    kv_b_proj.weight [H * (nope + vd), r]."""
+    q, cache, table, seqlens = make_inputs(b, 1, h, [ctx] * b, r + dr, r, page, device)
+    kv_b = rand(h * (nope + vd), r, dtype=torch.bfloat16, device=device, scale=r ** -0.5)
+    q_nope = rand(b, 1, h, nope, dtype=torch.bfloat16, device=device)
+    w_uk, w_uv = qk.mla_absorb(kv_b, h, nope, vd)  # once per layer in a model, so not timed
+    return q_nope, q[..., r:].contiguous(), cache, table, seqlens, kv_b, w_uk, w_uv
+
+
+def _absorbed(q_nope, q_pe, cache, table, seqlens, kv_b, w_uk, w_uv, *, decode):
+    q = torch.cat([torch.einsum("bshd,hdr->bshr", q_nope, w_uk), q_pe], -1)
+    out, _ = decode(q, cache, table, seqlens, w_uk.shape[-1])
+    return torch.einsum("bshr,hrv->bshv", out, w_uv)
+
+
+def _expanded(q_nope, q_pe, cache, table, seqlens, kv_b, w_uk, w_uv, *, n):
+    """The non-absorbed path: gather each sequence's latent rows, expand them to keys and values per
+    head with kv_b_proj, SDPA (every sequence of the batch holds n tokens here)."""
+    b, _, h, nope = q_nope.shape
+    dr = q_pe.shape[-1]
+    r = cache.shape[-1] - dr
+    rows = cache[table.long()].flatten(1, 2)[:, :n]  # [B, n, r + dr]
+    kv = (rows[..., :r] @ kv_b.t()).view(b, n, h, -1)  # [B, n, H, nope + v]
+    k = torch.cat([kv[..., :nope], rows[:, :, None, r:].expand(b, n, h, dr)], -1)
+    q = torch.cat([q_nope, q_pe], -1)
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                           kv[..., nope:].transpose(1, 2), scale=SCALE)
+    return out.transpose(1, 2)  # [B, 1, H, v]
+
+
+def _expanded_make(n, *inputs):
+    return functools.partial(_expanded, *inputs, n=n)
+
+
+def attention_cases(device, smoke: bool = False) -> list[Case]:
+    cfg = ATTN_SMOKE if smoke else ATTN
+    r, dr, nope, vd, page = (64, 16, 32, 32, 16) if smoke else (DV, D - DV, NOPE, V_HEAD, PAGE)
+    ref_decode = lambda q, c, t, s, dv: ref.mla_decode(q, c, t, s, SCALE, dv, True)  # noqa: E731
+
+    def ours(name):
+        def decode(q, c, t, s, dv):
+            return qk.mla_decode(q, c, t, s, softmax_scale=SCALE, head_dim_v=dv)
+        run = on_backend(name, functools.partial(_absorbed, decode=decode))
+        return unavailable("mla_decode", name, device) or (lambda *inputs: functools.partial(run, *inputs))
+
+    out = []
+    for h in cfg["heads"]:
+        for b in cfg["batches"]:
+            for ctx in cfg["contexts"]:
+                providers = {"quickllm-cuda absorbed": ours("cuda"), "quickllm-triton absorbed": ours("triton"),
+                             "expanded (kv_b_proj + SDPA)": functools.partial(_expanded_make, ctx),
+                             "reference": lambda *x: functools.partial(_absorbed, *x, decode=ref_decode)}
+                out.append(Case(
+                    op="mla_attention", name=f"attn_H{h}_B{b}_ctx{ctx}",
+                    shape=f"q [{b}, 1, {h}, {nope}+{dr}] latent {b * ctx} x {r + dr}, kv_b [{h * (nope + vd)}, {r}]",
+                    inputs=functools.partial(make_attention_inputs, b, h, ctx, r, dr, nope, vd, page, device),
+                    providers=providers,
+                    expected=lambda *x: _absorbed(*x, decode=ref_decode),
+                    nbytes=b * ctx * (r + dr) * 2 + h * (nope + vd) * r * 2, tol=2e-2, graph=True,
+                    baselines=dict(BASELINES, vs_expanded="expanded (kv_b_proj + SDPA)"),
+                    extra=dict(batch=b, heads=h, context=ctx)))
     return out
 
 

@@ -16,6 +16,8 @@ under a deadline: a step starts only if its minimum time is left, and each runs 
              Triton kernels' GPU coverage there is the test_gpu_* tests, the rest is the smoke pass
   sanitizer  compute-sanitizer memcheck (no caching allocator) and racecheck on the small-shape smoke
              pass, quickllm's CUDA kernels only                                    (sanitizer.log)
+  e2e        bench/e2e_deepseek.py: DeepSeek-V3 decode tokens/s against transformers, 4 layers of
+             V2-Lite shapes                                                  (e2e_deepseek.json)
   compile    the torch.compile(reference) rows in what time is left               (bench_compile.json)
 
 The last lines printed (and OUTDIR/summary.md) are the summary. `--dry-run` runs the same steps on a
@@ -291,6 +293,19 @@ def main(argv=None) -> int:
         log = (out / "sanitizer.log").read_text(errors="replace") if (out / "sanitizer.log").exists() else ""
         chk.report["sanitizer_summary"] = re.findall(r"ERROR SUMMARY: .*|RACECHECK SUMMARY: .*", log)
 
+    # end to end: DeepSeek-V3 greedy decode against transformers (a few V2-Lite-shaped layers on a GPU)
+    e2e = ["--layers", "4", "--batch", "1", "--batch", "32", "--prompt", "256", "--new", "32", "--reps", "2"] if gpu \
+        else ["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--prompt", "8", "--new", "4", "--reps", "1"]
+    chk.run("e2e", [py, "bench/e2e_deepseek.py", "--json", str(out / "e2e_deepseek.json"), *e2e], "bench.log",
+            timeout=150, min_s=60 if gpu else 20)
+    try:
+        rows = json.loads((out / "e2e_deepseek.json").read_text())["rows"]
+        chk.report["e2e"] = [dict(batch=r["batch"], speedup=r["speedup"], quickllm=r["quickllm"]["decode_tokens_per_s"],
+                                  transformers=r["transformers"]["decode_tokens_per_s"]) for r in rows]
+        chk.save()
+    except (OSError, ValueError, KeyError):
+        pass
+
     # torch.compile(reference) rows, in what is left
     compile_s = chk.left() - 15
     chk.run("compile", bench + ["--json", str(out / "bench_compile.json"), "--provider", "compile",
@@ -348,6 +363,10 @@ def _summary(r: dict) -> str:
             pcts, wrong = sorted(bench["by_provider"].get(key, [])), bench["wrong"].get(key, 0)
             lines.append(f"  {op:22s} {prov:32s} " + (f"{pcts[0]:5.1f} / {pcts[len(pcts) // 2]:5.1f} / {pcts[-1]:5.1f}"
                                                       if pcts else "   -") + (f"  WRONG x{wrong}" if wrong else ""))
+    for e2e in r.get("e2e") or []:
+        fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731  (None: t(new) <= t(1), noise)
+        lines.append(f"e2e DeepSeek-V3 decode, batch {e2e['batch']}: quickllm {fmt(e2e['quickllm'], '.1f')} tok/s, "
+                     f"transformers {fmt(e2e['transformers'], '.1f')} tok/s, x{fmt(e2e['speedup'], '.2f')}")
     if r.get("sanitizer_summary"):
         lines += ["", "compute-sanitizer: " + "; ".join(r["sanitizer_summary"])]
     pt = r.get("pytest") or {}

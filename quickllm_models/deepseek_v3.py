@@ -56,24 +56,8 @@ or dequantised weights for every FP8 layer.
     ids = model.generate(input_ids, attention_mask, max_new_tokens=32)   # greedy, paged latent cache
     model = DeepseekV3ForCausalLM(DeepseekV3Config.preset("tiny"), backend="reference")
 
-CPU debug walk-through (a tiny random model; every op on the reference backend; the Triton kernels
-run the same way with backend="triton" and TRITON_INTERPRET=1 set before quickllm_kernels is imported):
-
-    import torch, quickllm_kernels as qk
-    from quickllm_models.deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
-    torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(DeepseekV3Config.preset("tiny"), backend="reference").eval()
-    ids = torch.randint(0, 128, (2, 5))
-    cache = model.new_cache(batch=2, max_len=16, page_size=4)
-    with torch.no_grad():
-        logits = model(ids, cache=cache).logits           # prefill: expanded MLA, writes the cache
-        tok = logits[:, -1].argmax(-1, keepdim=True)      # [B, 1]
-        other = cache.clone()
-        step = model(tok, cache=cache).logits             # one decode step: absorbed MLA (mla_decode)
-        print(qk.last_backends())                         # {'apply_rope': 'reference', 'mla_decode': ...}
-        same = model(tok, cache=other, absorb=False).logits  # the same step expanded from the cache
-    print((step - same).abs().max())                      # ~1e-7 in float32
-    print(cache.seqlens, cache.block_table)               # real tokens per row, each row's pages
+A CPU debug walk-through (load a tiny checkpoint, prefill, one absorbed decode step beside the same
+step expanded, the backend of each op) is in the README, under "MLA decode".
 
 Not implemented: the multi-token-prediction module, training losses (auxiliary balance loss), and
 gradients through FP8 layers (inference only).

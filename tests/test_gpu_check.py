@@ -29,7 +29,8 @@ def test_dry_run_goes_through_every_step(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     status = {step: [r["status"] for r in recs] for step, recs in report["steps"].items()}
     assert status["info"] == ["ok"] and status["smoke"] == ["ok"] and status["pytest"] == ["ok"]
-    assert status["bench"][0] == "ok" and status["sanitizer"] == ["skipped"]
+    assert status["bench"][0] == "ok" and status["sanitizer"] == ["skipped"] and status["e2e"] == ["ok"]
+    assert [r["batch"] for r in report["e2e"]] == [1, 32]
     assert status["build"] in (["ok"], ["skipped"])
     assert report["environment"]["torch"] == torch.__version__ and "finished" in report
     rows = report["smoke"]
@@ -41,7 +42,8 @@ def test_dry_run_goes_through_every_step(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert summary in proc.stdout and "| smoke | ok |" in summary
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"gpu_check.json", "summary.md", "bench.json", "steps.log", "pytest.log", "bench.log"} <= names
+    assert {"gpu_check.json", "summary.md", "bench.json", "steps.log", "pytest.log", "bench.log",
+            "e2e_deepseek.json"} <= names
     assert len(names) <= 8  # what a device run can bring back
 
 

@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include "csrc/common/dispatch.cuh"
+#include "csrc/common/host_checks.h"
 #include "csrc/common/vec.cuh"
 
 #include <algorithm>
@@ -467,8 +468,6 @@ RowGrid row_grid(int64_t rows, int64_t vectors_per_row) {
   return {dim3(static_cast<unsigned>((rows + by - 1) / by)), dim3(bx, by)};
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 __device__ __forceinline__ int64_t row_index() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
 }
@@ -592,12 +591,6 @@ __global__ void silu_mul_backward_kernel(const T* __restrict__ grad, int64_t sg,
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                         \
   } while (0)
 
-void check_float(const at::Tensor& t, const char* op, const char* name) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
-              " must be float32, float16 or bfloat16, got ", st);
-}
-
 // A [rows, cols] matrix whose rows the kernels index with one stride: unit last stride.
 void check_rows(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got ", t.sizes());
@@ -611,7 +604,7 @@ int64_t row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? 0 : t.stride(0
 at::Tensor moe_permute_cuda(const at::Tensor& x, const at::Tensor& sorted_pairs, int64_t top_k) {
   TORCH_CHECK(x.is_cuda(), "moe_permute: the CUDA kernel needs CUDA tensors, got x on ", x.device());
   check_rows(x, "moe_permute", "x");
-  check_float(x, "moe_permute", "x");
+  check_float("moe_permute", x, "x");
   TORCH_CHECK(sorted_pairs.device() == x.device(), "moe_permute: sorted_pairs must be on x's device ", x.device(),
               ", got ", sorted_pairs.device());
   TORCH_CHECK(sorted_pairs.scalar_type() == at::kInt && sorted_pairs.dim() == 1 && sorted_pairs.is_contiguous(),
@@ -637,7 +630,7 @@ at::Tensor moe_permute_cuda(const at::Tensor& x, const at::Tensor& sorted_pairs,
 at::Tensor moe_combine_cuda(const at::Tensor& y, const at::Tensor& topk_weights, const at::Tensor& pair_rows) {
   TORCH_CHECK(y.is_cuda(), "moe_combine: the CUDA kernel needs CUDA tensors, got y on ", y.device());
   check_rows(y, "moe_combine", "y");
-  check_float(y, "moe_combine", "y");
+  check_float("moe_combine", y, "y");
   TORCH_CHECK(topk_weights.device() == y.device(), "moe_combine: topk_weights must be on y's device ", y.device(),
               ", got ", topk_weights.device());
   TORCH_CHECK(topk_weights.dim() == 2, "moe_combine: topk_weights must be [T, k], got ", topk_weights.sizes());
@@ -672,7 +665,7 @@ at::Tensor moe_combine_cuda(const at::Tensor& y, const at::Tensor& topk_weights,
 int64_t check_gated(const at::Tensor& h, const char* op) {
   TORCH_CHECK(h.is_cuda(), op, ": the CUDA kernel needs CUDA tensors, got h on ", h.device());
   check_rows(h, op, "h");
-  check_float(h, op, "h");
+  check_float(op, h, "h");
   TORCH_CHECK(h.size(1) % 2 == 0, op, ": h must be [S, 2I] (gate, then up), got an odd last dim ", h.size(1));
   return h.size(1) / 2;
 }

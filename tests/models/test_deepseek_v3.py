@@ -349,3 +349,18 @@ def test_bad_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="max_len"):
         model = DeepseekV3ForCausalLM(DeepseekV3Config.preset("tiny"))
         model(torch.zeros(1, 9, dtype=torch.long), cache=model.new_cache(1, 8))
+
+
+def test_readme_walk_through_runs(tmp_path, monkeypatch, capsys):
+    """The README's CPU walk-through, as written: it loads, decodes, and shows the ops it ran."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    marker = "<!-- walk-through: deepseek-v3"
+    assert marker in readme
+    block = readme.split(marker, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md (walk-through)", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    backends = eval(out[0])  # the printed last_backends() dict
+    assert backends["mla_decode"] == "reference" and backends["mla_cache_write"] == "reference"
+    assert float(out[1].removeprefix("tensor(").rstrip(")")) < 1e-4
+    assert (tmp_path / "tiny-deepseek-v3" / "config.json").exists()
