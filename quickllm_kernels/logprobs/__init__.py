@@ -154,11 +154,22 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature
 # --------------------------------------------------------------------------------------------
 
 
-def _auto_chunk(n: int) -> int:
+# One chunk's [C, V] logits are kept at or under this many bytes as float32 (the reference backend's
+# intermediates are float32; the kernels' are the logits' dtype), when that does not cost grad_weight
+# precision (see _auto_chunk).
+_CHUNK_BYTES = 128 << 20
+
+
+def _auto_chunk(n: int, vocab: int = 1, weight_dtype: torch.dtype = torch.float32) -> int:
     # 1/32 of the rows per chunk keeps a chunk's logits and their gradient (the peak extra memory)
-    # at 1/16 of the full [N, V] logits; at least 256 rows so small batches are not split finely.
-    # At most 32 chunks, so grad_weight takes at most 32 roundings (see _lin_bwd_impl).
-    return max(1, min(n, max(256, -(-n // 32))))
+    # at 1/16 of the full [N, V] logits; at least 256 rows so small batches are not split finely;
+    # and no more rows than _CHUNK_BYTES of float32 logits. A 16-bit weight keeps at most 32 chunks
+    # whatever the memory, so grad_weight takes at most 32 roundings (see _lin_bwd_impl); float32
+    # and float64 accumulate each chunk's product at full precision, so more chunks cost nothing.
+    rows = min(max(256, -(-n // 32)), max(16, _CHUNK_BYTES // (4 * max(vocab, 1))))
+    if weight_dtype not in (torch.float32, torch.float64):
+        rows = max(rows, -(-n // 32))
+    return max(1, min(n, rows))
 
 
 def _lin_check(hidden, weight, bias, token_ids, temperature):
@@ -187,8 +198,8 @@ def _lin_check(hidden, weight, bias, token_ids, temperature):
     _check_temperature("linear_token_logprobs", temperature)
 
 
-def _chunks(n, chunk_rows):
-    c = chunk_rows if chunk_rows > 0 else _auto_chunk(n)
+def _chunks(n, chunk_rows, weight):
+    c = chunk_rows if chunk_rows > 0 else _auto_chunk(n, weight.shape[0], weight.dtype)
     return [(r, min(n, r + c)) for r in range(0, n, c)]
 
 
@@ -196,7 +207,7 @@ def _lin_fwd_impl(hidden, weight, bias, token_ids, temperature, ignore_index, ch
     n = hidden.shape[0]
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     lp, ent, lse = (torch.empty(n, dtype=out_dtype, device=hidden.device) for _ in range(3))
-    for r0, r1 in _chunks(n, chunk_rows):
+    for r0, r1 in _chunks(n, chunk_rows, weight):
         logits = torch.nn.functional.linear(hidden[r0:r1], weight, bias)  # [C, V], the only big buffer
         outs = call("token_logprobs", logits, token_ids[r0:r1], temperature, ignore_index)
         del logits  # freed before the next chunk's logits are made, not after
@@ -206,27 +217,34 @@ def _lin_fwd_impl(hidden, weight, bias, token_ids, temperature, ignore_index, ch
 
 
 def _lin_bwd_impl(grad_logprobs, grad_entropy, hidden, weight, bias, token_ids, lse, entropy, temperature,
-                  ignore_index, chunk_rows):
+                  ignore_index, chunk_rows, *, need_hidden=True, need_weight=True, need_bias=True):
     """Workspace: one chunk's logits and their gradient ([C, V] each, in the logits' dtype), nothing
     of [V, H] or [N, V] size. grad_weight is accumulated in place in the weight's dtype: each chunk's
     g^T h is summed in float32 inside the GEMM and added to grad_weight in its epilogue (addmm with
     beta = 1), one rounding per chunk. A float32 accumulator would cost 4 V H bytes more (2 GiB for a
     152k x 3584 lm_head, more than the whole bf16 logits of fewer than 2 H = 7168 rows); with auto
-    chunking there are at most 32 chunks. grad_bias ([V] only) is summed in float32."""
+    chunking there are at most 32 chunks for a 16-bit weight. grad_bias ([V] only) is summed in
+    float32. A gradient not needed (need_*) is neither computed nor allocated (an empty tensor)."""
     acc = torch.promote_types(hidden.dtype, torch.float32)
-    grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-    grad_bias = torch.zeros(weight.shape[0] if bias is not None else 0, dtype=acc, device=weight.device)
-    for r0, r1 in _chunks(hidden.shape[0], chunk_rows):
+    need_bias = need_bias and bias is not None
+    grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_weight \
+        else weight.new_empty(0)
+    grad_bias = torch.zeros(weight.shape[0] if need_bias else 0, dtype=acc, device=weight.device)
+    if not (need_hidden or need_weight or need_bias):
+        return grad_hidden, grad_weight, grad_bias.to(weight.dtype)
+    for r0, r1 in _chunks(hidden.shape[0], chunk_rows, weight):
         h = hidden[r0:r1]
         logits = torch.nn.functional.linear(h, weight, bias)  # recomputed, not stored
         g = call("token_logprobs_backward", grad_logprobs[r0:r1], grad_entropy[r0:r1], logits,
                  token_ids[r0:r1], lse[r0:r1], entropy[r0:r1],
                  temperature, ignore_index)  # [C, V]
         del logits  # only g from here on
-        torch.mm(g, weight, out=grad_hidden[r0:r1])
-        grad_weight.addmm_(g.t(), h)
-        if bias is not None:
+        if need_hidden:
+            torch.mm(g, weight, out=grad_hidden[r0:r1])
+        if need_weight:
+            grad_weight.addmm_(g.t(), h)
+        if need_bias:
             grad_bias += g.sum(0, dtype=acc)
         del g  # freed before the next chunk's logits are made
     return grad_hidden, grad_weight, grad_bias.to(weight.dtype)
@@ -255,9 +273,16 @@ def _lin_backward(ctx, g_lp, g_ent, _g_lse):
     hidden, weight, bias, token_ids, lse, entropy = ctx.saved_tensors
     g_lp = torch.zeros_like(lse) if g_lp is None else g_lp
     g_ent = torch.zeros_like(lse) if g_ent is None else g_ent
-    gh, gw, gb = call("linear_token_logprobs_backward", g_lp, g_ent, hidden, weight, bias, token_ids,
-                      lse, entropy, *ctx.args)
-    return gh, gw, (gb if bias is not None else None), None, None, None, None
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and bias is not None
+    if need_h and need_w and (need_b or bias is None):
+        gh, gw, gb = call("linear_token_logprobs_backward", g_lp, g_ent, hidden, weight, bias, token_ids,
+                          lse, entropy, *ctx.args)
+    else:  # a frozen lm_head (or hidden states that need no gradient): skip that GEMM and its buffer
+        _lin_check(hidden, weight, bias, token_ids, ctx.args[0])
+        gh, gw, gb = _lin_bwd_impl(g_lp, g_ent, hidden, weight, bias, token_ids, lse, entropy, *ctx.args,
+                                   need_hidden=need_h, need_weight=need_w, need_bias=need_b)
+    return (gh if need_h else None), (gw if need_w else None), (gb if need_b else None), None, None, None, None
 
 
 define(Op(name="linear_token_logprobs", family="logprobs", composite=True,
@@ -275,12 +300,15 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids:
     """token_logprobs(hidden @ weight.T + bias, token_ids) without ever holding the [N, V] logits.
 
     hidden [N, H] and weight [V, H] (the lm_head) in one float dtype; token_ids int64 [N]. Rows go
-    through in chunks of `chunk_rows` (0: max(256, N/32)); each chunk's logits are made by cuBLAS,
-    reduced by the token_logprobs kernel of the chosen backend and dropped; backward recomputes them
-    and gives grad_hidden, grad_weight and grad_bias. Extra memory: one chunk's logits and their
-    gradient. grad_weight is accumulated in the weight's dtype (each chunk's product is summed in
-    float32 by the GEMM, then added: one rounding per chunk, at most 32 with the default chunks);
-    grad_bias is summed in float32.
+    through in chunks of `chunk_rows` (0: max(256, N/32) rows, fewer where a chunk's float32 logits
+    would pass 128 MiB, except that a 16-bit weight keeps at most 32 chunks); each chunk's logits are
+    made by cuBLAS, reduced by the token_logprobs kernel of the chosen backend and dropped; backward
+    recomputes them and gives grad_hidden, grad_weight and grad_bias, only those that are needed (a
+    frozen lm_head costs no grad_weight GEMM), and the entropy's term only when the entropy gets a
+    gradient (reference backend). Extra memory: one chunk's logits and their gradient. grad_weight is
+    accumulated in the weight's dtype (each chunk's product is summed in float32 by the GEMM, then
+    added: one rounding per chunk, at most 32 with the default chunks for a 16-bit weight); grad_bias
+    is summed in float32.
     Returns float32 [N] log-probs (and entropies with return_entropy).
     """
     if token_ids.dtype == torch.int32:

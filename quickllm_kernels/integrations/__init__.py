@@ -1,0 +1,6 @@
+"""Integrations with other libraries, one submodule each; importing this package imports none of them,
+and each submodule imports its library only when used.
+
+    quickllm_kernels.integrations.hf    quickllm ops inside one transformers model instance (apply / revert)
+    quickllm_kernels.integrations.trl   TRL's GRPOTrainer computing its log-probs and loss on the fused path
+"""
