@@ -443,8 +443,8 @@ class DeepseekV3DecoderLayer(nn.Module):
         self.mlp = DeepseekV3MLP(cfg, cfg.intermediate_size) if dense else DeepseekV3MoE(cfg)
 
     def forward(self, x, rope, step):
-        x = x + self.self_attn(self.input_layernorm(x), rope, step)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, x = self.post_attention_layernorm.add(self.self_attn(self.input_layernorm(x), rope, step), x)
+        return x + self.mlp(h)
 
 
 class DeepseekV3Model(nn.Module):

@@ -131,8 +131,8 @@ class MixtralDecoderLayer(nn.Module):
         self.mlp = MixtralSparseMoeBlock(cfg)
 
     def forward(self, x, positions, rope, attn_mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, attn_mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, x = self.post_attention_layernorm.add(self.self_attn(self.input_layernorm(x), positions, rope, attn_mask, cache), x)
+        return x + self.mlp(h)
 
 
 class MixtralModel(nn.Module):

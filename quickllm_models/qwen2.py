@@ -106,26 +106,39 @@ class KVCache:
 
 
 class Qwen2RMSNorm(nn.Module):
+    """weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), statistics in float32 (transformers' RMSNorm of
+    Llama, Qwen2, Mixtral and DeepSeek-V3), through qk.rms_norm; `add` fuses the residual add before it."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x):
-        xf = x.float()
+        if x.dtype == self.weight.dtype:
+            return qk.rms_norm(x, self.weight, self.eps)
+        xf = x.float()  # mixed dtypes: transformers' promotion, op by op
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
+    def add(self, x, residual):
+        """(norm(x + residual), x + residual) in one pass (qk.add_rms_norm)."""
+        if x.dtype == residual.dtype == self.weight.dtype:
+            return qk.add_rms_norm(x, residual, self.weight, self.eps)
+        residual = x + residual
+        return self(residual), residual
+
 
 class Qwen2Attention(nn.Module):
-    def __init__(self, cfg: Qwen2Config, layer: int, *, bias: bool = True):
-        """bias: q/k/v projections with a bias (Qwen2) or without (Llama, Mistral, Mixtral)."""
+    def __init__(self, cfg: Qwen2Config, layer: int, *, bias: bool = True, o_bias: bool = False):
+        """bias: q/k/v projections with a bias (Qwen2) or without (Llama, Mistral, Mixtral); o_bias: the
+        output projection's (Llama's attention_bias sets both)."""
         super().__init__()
         self.layer, self.hq, self.hk, self.d = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_head
         self.q_proj = nn.Linear(cfg.hidden_size, self.hq * self.d, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.hk * self.d, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.hk * self.d, bias=bias)
-        self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=o_bias)
 
     def forward(self, x, positions, rope, attn_mask, cache: KVCache | None):
         b, t, _ = x.shape
@@ -155,16 +168,18 @@ class Qwen2MLP(nn.Module):
 
 
 class Qwen2DecoderLayer(nn.Module):
-    def __init__(self, cfg: Qwen2Config, layer: int):
+    def __init__(self, cfg: Qwen2Config, layer: int, *, bias: bool = True, o_bias: bool = False):
+        """bias, o_bias: the attention projections' biases (Qwen2Attention; Llama sets both from
+        attention_bias)."""
         super().__init__()
         self.input_layernorm = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Qwen2Attention(cfg, layer)
+        self.self_attn = Qwen2Attention(cfg, layer, bias=bias, o_bias=o_bias)
         self.post_attention_layernorm = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = Qwen2MLP(cfg)
 
     def forward(self, x, positions, rope, attn_mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, attn_mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, x = self.post_attention_layernorm.add(self.self_attn(self.input_layernorm(x), positions, rope, attn_mask, cache), x)
+        return x + self.mlp(h)
 
 
 class Qwen2Model(nn.Module):

@@ -39,7 +39,55 @@ def _example_args(name, device=DEVICE, m=64):
         return a, sa, b, sb, torch.bfloat16
     if name == "moe_route":
         return rnd(7, 64), rnd(64), 4, True, True, 8, 2, 2.5
+    offs = torch.tensor([3, 3, 9, 12], dtype=torch.int32, device=device)  # 12 rows over 4 experts, one empty
+    if name == "grouped_mm":
+        return rnd(12, 40).bfloat16(), rnd(4, 24, 40).bfloat16(), offs
+    if name == "grouped_mm_wgrad":
+        return rnd(12, 24).bfloat16(), rnd(12, 40).bfloat16(), offs, 4
+    if name == "fp8_grouped_gemm":
+        a, sa = ref_fp8.act_quant(rnd(12, 256), 128)
+        w = [ref_fp8.weight_quant(rnd(200, 256)) for _ in range(4)]
+        return a, sa, torch.stack([q for q, _ in w]), torch.stack([s_ for _, s_ in w]), offs, torch.bfloat16
+    ids = torch.tensor([[0, 2], [3, 2], [2, 0], [1, 3], [2, 3]], dtype=torch.int32, device=device)
+    if name == "moe_sort":
+        return ids, 4
+    if name == "moe_align_block_size":
+        return ids, 4, 4
+    if name == "moe_permute":
+        sorted_pairs = OPS["moe_sort"].reference(ids, 4)[0]
+        return rnd(5, 40).bfloat16(), sorted_pairs, 2
+    if name == "moe_combine":
+        pair_rows = OPS["moe_sort"].reference(ids, 4)[1]
+        return rnd(10, 40).bfloat16(), rnd(5, 2).abs(), pair_rows
+    if name == "silu_mul":
+        return (rnd(6, 48).bfloat16(),)
+    if name == "silu_mul_backward":
+        return rnd(6, 24).bfloat16(), rnd(6, 48).bfloat16()
+    if name == "mla_decode":
+        table = torch.tensor([[2, 0, 1], [3, 5, 4]], dtype=torch.int32, device=device)
+        return (rnd(2, 1, 8, 80).bfloat16(), rnd(6, 16, 80).bfloat16(), table,
+                torch.tensor([40, 17], dtype=torch.int32, device=device), 0.125, 64, True)
+    if name == "mla_cache_write":
+        return (torch.zeros(4, 16, 80, device=device).bfloat16(), torch.tensor([3, -1, 60], device=device),
+                rnd(3, 64).bfloat16(), rnd(3, 16).bfloat16())
+    if name == "rms_norm":
+        return rnd(5, 96).bfloat16(), rnd(96).bfloat16(), 1e-6, 0.0
+    if name in ("add_rms_norm", "add_rms_norm_"):
+        return rnd(5, 96).bfloat16(), rnd(5, 96).bfloat16(), rnd(96).bfloat16(), 1e-6, 0.0
+    if name == "rms_norm_backward":
+        x, w = rnd(5, 96).bfloat16(), rnd(96).bfloat16()
+        rstd = OPS["rms_norm"].reference(x, w, 1e-6, 0.0)[1]
+        return rnd(5, 96).bfloat16(), rnd(5, 96).bfloat16(), x, w, rstd, 0.0
     raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", sorted(TRITON_TWINS))
+def test_every_twin_has_example_args_the_op_takes(name):
+    """The GPU opcheck below calls every twin with these arguments: each must exist and be accepted
+    by the op (here on the reference backend)."""
+    args = _example_args(name, "cpu")
+    with qk.use_backend("reference"):
+        getattr(torch.ops.quickllm, name)(*args)
 
 
 def test_every_triton_op_has_a_twin_with_its_schema():
@@ -126,14 +174,14 @@ def test_compiled_routing_follows_use_backend():
 
 # opcheck's test_schema compares inputs before and after with torch.allclose, which float8 tensors do
 # not implement: for the twins with fp8 inputs the same check (inputs unchanged) is made on their bits.
-_FP8_INPUTS = {"weight_dequant", "fp8_block_gemm"}
+_FP8_INPUTS = {"weight_dequant", "fp8_block_gemm", "fp8_grouped_gemm"}
 
 
 @pytest.mark.gpu
 @pytest.mark.triton
 @pytest.mark.parametrize("name", sorted(TRITON_TWINS))
 def test_gpu_opcheck_twins(name):
-    if name == "fp8_block_gemm" and not qk.fp8.fp8_gemm_supported("cuda"):
+    if name in ("fp8_block_gemm", "fp8_grouped_gemm") and not qk.fp8.fp8_gemm_supported("cuda"):
         pytest.skip("needs FP8 tensor cores")
     args = _example_args(name, "cuda")
     bits = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # noqa: E731
