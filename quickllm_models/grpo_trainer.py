@@ -9,7 +9,13 @@
   5. update      gradient clipping, optimiser step
 
     python -m quickllm_models.grpo_trainer                      # built-in task: tiny LM, character-level arithmetic
-    python -m quickllm_models.grpo_trainer --model DIR --dataset train.jsonl    # a local Hugging Face causal LM
+    python -m quickllm_models.grpo_trainer --model DIR --task gsm_symbolic      # a local HF model, generated problems
+    python -m quickllm_models.grpo_trainer --model DIR --dataset train.jsonl    # ... or a JSONL of question/answer
+
+--model: a Hugging Face directory (config.json, safetensors, tokenizer) of a Qwen2, Llama or Mixtral
+model (e.g. SmolLM2-135M-Instruct converted from GGUF by `python -m quickllm_models.llama from-gguf`).
+--task gsm_symbolic: GSM8K-style problems with varied numbers, generated offline by the reasoning-gym
+package, and scored by its own scorer (1.0 for the right number in <answer>...</answer>).
 
 Writes <out>/log.jsonl (one line per step), <out>/curves.png (reward, loss, KL per step) and
 <out>/checkpoint.pt (resume with --resume).
@@ -107,6 +113,25 @@ def format_reward(completions: list[str], answers: list[str]) -> list[float]:
 
 
 DEFAULT_REWARDS: tuple[Callable, ...] = (answer_reward, format_reward)
+
+
+def reasoning_gym_task(name: str, n: int, seed: int) -> tuple[list[dict], Callable]:
+    """n problems of a reasoning-gym task (generated offline, deterministic in seed) and a reward that
+    scores the answer extracted from <answer>...</answer> with the task's own scorer."""
+    try:
+        import reasoning_gym
+    except ImportError as e:
+        raise ImportError(f"--task {name}: needs the reasoning-gym package (pip install reasoning-gym)") from e
+    data = reasoning_gym.create_dataset(name, size=n, seed=seed)
+    problems = [{"question": x["question"], "answer": str(x["answer"])} for x in data]
+
+    def task_reward(completions: list[str], answers: list[str]) -> list[float]:
+        return [float(data.score_answer(extract_answer(c), {"answer": a})) for c, a in zip(completions, answers)]
+    task_reward.__name__ = f"{name}_reward"
+    return problems, task_reward
+
+
+TASKS = ("gsm_symbolic",)
 
 # ------------------------------------------------------------------------------------------------
 # Configuration
@@ -286,18 +311,18 @@ class GRPOTrainer:
     def train(self, progress: bool = True):
         cfg = self.cfg
         ctx = qk.use_backend(cfg.backend) if cfg.backend else _nullctx()
+        bar = _progress(cfg.steps, self.step) if progress else None
         with ctx:
             while self.step < cfg.steps:
                 rec = self.train_step()
-                if progress:
-                    bar = "#" * int(30 * self.step / cfg.steps)
-                    print(f"\r[{bar:<30}] step {self.step}/{cfg.steps}  reward {rec['reward']:.3f}  "
-                          f"acc {rec['accuracy']:.2f}  kl {rec['kl']:.4f}  loss {rec['loss']:+.4f}",
-                          end="", file=sys.stderr, flush=True)
+                if bar is not None:
+                    bar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.4f}",
+                                    loss=f"{rec['loss']:+.4f}", refresh=False)
+                    bar.update(1)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save_checkpoint()
-        if progress:
-            print(file=sys.stderr)
+        if bar is not None:
+            bar.close()
         self.plot()
         return self.history
 
@@ -333,17 +358,46 @@ class GRPOTrainer:
         steps = [r["step"] for r in self.history]
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
         for ax, key, title in zip(axes, ("reward", "loss", "kl"), ("mean reward", "loss", "KL to reference")):
-            ax.plot(steps, [r[key] for r in self.history], marker=".")
+            raw = [r[key] for r in self.history]
+            ax.plot(steps, raw, marker=".", alpha=0.3, color="C0", label="per step")
+            ax.plot(steps, smoothed(raw), color="C0", label="smoothed (EMA 0.9)")
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        axes[0].plot(steps, [r["accuracy"] for r in self.history], marker=".", label="exact answers")
-        axes[0].legend()
+        acc = [r["accuracy"] for r in self.history]
+        axes[0].plot(steps, acc, marker=".", alpha=0.3, color="C1")
+        axes[0].plot(steps, smoothed(acc), color="C1", label="exact answers (smoothed)")
+        axes[0].legend(fontsize=8)
         fig.tight_layout()
         path = self.out / "curves.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         return path
+
+
+class _Lines:
+    """A stream for tqdm that ends every refresh with a newline instead of a carriage return, so a
+    log file gets one readable line per refresh."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = text.replace("\r", "").strip("\n")
+        if text.strip():
+            self.stream.write(text + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def _progress(total: int, done: int):
+    """A tqdm bar on stderr: redrawn in place on a terminal; in a log file a line every 10 s."""
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, initial=done, desc="GRPO", unit="step", file=sys.stderr if tty else _Lines(sys.stderr),
+                mininterval=0.1 if tty else 10.0, dynamic_ncols=tty, ascii=not tty)
 
 
 class _nullctx:
@@ -352,6 +406,15 @@ class _nullctx:
 
     def __exit__(self, *a):
         return False
+
+
+def smoothed(values: Sequence[float], decay: float = 0.9) -> list[float]:
+    """Exponential moving average, bias-corrected (the first points are not pulled toward 0)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values):
+        avg = decay * avg + (1 - decay) * v
+        out.append(avg / (1 - decay ** (i + 1)))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,20 +435,44 @@ SYSTEM_PROMPT = ("Solve the problem. Reason briefly, then give the final answer 
                  "<answer>NUMBER</answer>.\n")
 
 
-def hf_trainer(cfg: GRPOConfig, model_dir: str, dataset: str) -> GRPOTrainer:
-    """A local Hugging Face Qwen2-family causal LM (config.json + safetensors + tokenizer files) and a
-    JSONL dataset of {"question": ..., "answer": ...} lines (gsm8k style: '#### 42' answers are cut)."""
+def load_policy(model_dir: str, backend: str | None = None):
+    """The reference model for a Hugging Face directory, by its config's model_type (float32)."""
+    from quickllm_models.llama import LlamaForCausalLM
+    from quickllm_models.mixtral import MixtralForCausalLM
+
+    classes = {"qwen2": Qwen2ForCausalLM, "llama": LlamaForCausalLM, "mixtral": MixtralForCausalLM}
+    kind = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    if kind not in classes:
+        raise ValueError(f"--model {model_dir}: model_type {kind!r} is not supported here; supported: "
+                         f"{', '.join(classes)}")
+    return classes[kind].from_pretrained(model_dir, backend=backend, dtype=torch.float32)
+
+
+def hf_trainer(cfg: GRPOConfig, model_dir: str, dataset: str | None = None, task: str | None = None,
+               num_problems: int = 2000) -> GRPOTrainer:
+    """A local Hugging Face causal LM (config.json + safetensors + tokenizer files) trained on a JSONL
+    dataset of {"question": ..., "answer": ...} lines (gsm8k style: '#### 42' answers are cut), or on
+    a reasoning-gym task (TASKS) scored by the task's own scorer."""
     from transformers import AutoTokenizer
 
+    if (dataset is None) == (task is None):
+        raise ValueError("hf_trainer: give exactly one of dataset and task")
     hf_tok = AutoTokenizer.from_pretrained(model_dir)
-    policy = Qwen2ForCausalLM.from_pretrained(model_dir, backend=cfg.backend, dtype=torch.float32)
-    problems = []
-    for line in Path(dataset).read_text().splitlines():
-        if line.strip():
-            d = json.loads(line)
-            problems.append({"question": d["question"], "answer": str(d["answer"]).split("####")[-1].strip()})
-    if not problems:
-        raise ValueError(f"{dataset}: no problems")
+    policy = load_policy(model_dir, cfg.backend)
+    rewards = DEFAULT_REWARDS
+    if task is not None:
+        if task not in TASKS:
+            raise ValueError(f"--task {task!r}: unknown; tasks: {', '.join(TASKS)}")
+        problems, task_reward = reasoning_gym_task(task, num_problems, cfg.seed)
+        rewards = (task_reward, format_reward)
+    else:
+        problems = []
+        for line in Path(dataset).read_text().splitlines():
+            if line.strip():
+                d = json.loads(line)
+                problems.append({"question": d["question"], "answer": str(d["answer"]).split("####")[-1].strip()})
+        if not problems:
+            raise ValueError(f"{dataset}: no problems")
 
     class Tok:  # the small interface the trainer needs
         eos_id = hf_tok.eos_token_id
@@ -407,7 +494,7 @@ def hf_trainer(cfg: GRPOConfig, model_dir: str, dataset: str) -> GRPOTrainer:
                                               add_generation_prompt=True)
         return SYSTEM_PROMPT + q + "\n"
 
-    return GRPOTrainer(policy, Tok(), problems, cfg, format_prompt=fmt)
+    return GRPOTrainer(policy, Tok(), problems, cfg, reward_fns=rewards, format_prompt=fmt)
 
 
 def main(argv=None):
@@ -418,15 +505,18 @@ def main(argv=None):
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
     p.add_argument("--model", help="local Hugging Face model directory (default: the built-in tiny task)")
     p.add_argument("--dataset", help="JSONL with question/answer lines (with --model)")
+    p.add_argument("--task", choices=TASKS, help="problems generated by reasoning-gym, scored by it (with --model)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     cfg = GRPOConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(GRPOConfig)
                         if getattr(a, f.name) is not None})
     if a.model:
-        if not a.dataset:
-            p.error("--model needs --dataset")
-        trainer = hf_trainer(cfg, a.model, a.dataset)
+        if (a.dataset is None) == (a.task is None):
+            p.error("--model needs one of --dataset and --task")
+        trainer = hf_trainer(cfg, a.model, a.dataset, a.task)
+    elif a.dataset or a.task:
+        p.error("--dataset and --task need --model")
     else:
         trainer = builtin_trainer(cfg)
     if a.resume and (trainer.out / "checkpoint.pt").exists():

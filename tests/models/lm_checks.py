@@ -53,3 +53,4 @@ def assert_greedy_generation_matches(ours, hf, vocab: int, seed: int):
     got = ours.generate(ids, eos_token_id=eos, pad_token_id=0, **kw)
     want = hf.generate(ids, do_sample=False, eos_token_id=eos, pad_token_id=0, **kw)
     assert torch.equal(got, want), (got[:, 7:], want[:, 7:])
+

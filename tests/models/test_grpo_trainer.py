@@ -108,3 +108,46 @@ def test_cli_on_a_hugging_face_model_directory(tmp_path):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(r["completion_len"] > 0 for r in log)
     assert (out / "checkpoint.pt").exists()
+
+
+def test_smoothed_curve():
+    assert grpo.smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # bias-corrected: no pull to 0
+    s = grpo.smoothed([0.0] * 5 + [1.0] * 5)
+    assert s[4] == 0.0 and 0.0 < s[5] < s[9] < 1.0
+
+
+def test_progress_in_a_log_file_is_one_line_per_refresh(tmp_path, capsys):
+    tr = builtin_trainer(GRPOConfig(out=str(tmp_path / "p"), steps=2, prompts_per_step=2, group_size=2))
+    tr.train(progress=True)  # stderr is not a terminal under pytest: plain lines
+    err = capsys.readouterr().err
+    assert "\r" not in err and "GRPO" in err and "2/2" in err
+
+
+def test_gsm_symbolic_task_rewards_with_its_scorer():
+    pytest.importorskip("reasoning_gym")
+    problems, reward = grpo.reasoning_gym_task("gsm_symbolic", 4, seed=3)
+    again, _ = grpo.reasoning_gym_task("gsm_symbolic", 4, seed=3)
+    assert problems == again and len(problems) == 4 and all(p["answer"].lstrip("-").isdigit() for p in problems)
+    a = problems[0]["answer"]
+    assert reward([f"so <answer>{a}</answer>", "<answer>-1</answer>", a], [a, a, a]) == [1.0, 0.01, 0.0]  # its scale
+
+
+@pytest.mark.slow
+def test_gsm_symbolic_on_smollm2(smollm2_dir, tmp_path):
+    """A few GRPO steps of the real SmolLM2-135M-Instruct on generated GSM-style problems, on the CPU."""
+    pytest.importorskip("reasoning_gym")
+    out = tmp_path / "run"
+    rc = grpo.main(["--model", str(smollm2_dir), "--task", "gsm_symbolic", "--steps", "2", "--prompts-per-step", "1",
+                    "--group-size", "2", "--max-new-tokens", "8", "--inner-epochs", "1", "--out", str(out), "--quiet"])
+    assert rc == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["kl"], r["grad_norm"]])).all() for r in log)
+    assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_cli_refuses_task_without_model_and_both_sources(tmp_path):
+    with pytest.raises(SystemExit):
+        grpo.main(["--task", "gsm_symbolic", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        grpo.main(["--model", str(tmp_path), "--task", "gsm_symbolic", "--dataset", "x.jsonl", "--out", str(tmp_path)])
