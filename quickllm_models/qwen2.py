@@ -105,28 +105,16 @@ class KVCache:
         self.length = 0
 
 
-class Qwen2RMSNorm(nn.Module):
-    """weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), statistics in float32 (transformers' RMSNorm of
-    Llama, Qwen2, Mixtral and DeepSeek-V3), through qk.rms_norm; `add` fuses the residual add before it."""
+class Qwen2RMSNorm(qk.RMSNorm):
+    """qk.RMSNorm: transformers' RMSNorm of Llama, Qwen2, Mixtral and DeepSeek-V3 (statistics in float32,
+    weight * normed.to(x.dtype)), on the rms_norm op; `add` fuses the residual add before it."""
 
     def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        if x.dtype == self.weight.dtype:
-            return qk.rms_norm(x, self.weight, self.eps)
-        xf = x.float()  # mixed dtypes: transformers' promotion, op by op
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        super().__init__(dim, eps)
 
     def add(self, x, residual):
         """(norm(x + residual), x + residual) in one pass (qk.add_rms_norm)."""
-        if x.dtype == residual.dtype == self.weight.dtype:
-            return qk.add_rms_norm(x, residual, self.weight, self.eps)
-        residual = x + residual
-        return self(residual), residual
+        return self(x, residual)
 
 
 class Qwen2Attention(nn.Module):

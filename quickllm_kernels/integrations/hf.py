@@ -282,7 +282,8 @@ def apply(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, moe: bo
                 m._quickllm_experts_before = before
                 why = _experts_supported(m)
                 if why:
-                    report.left[f"{type(m).__name__} ({why})"] = report.left.get(type(m).__name__, 0) + 1
+                    key = f"{type(m).__name__} ({why})"
+                    report.left[key] = report.left.get(key, 0) + 1
                 else:
                     report.experts += 1
             model.set_experts_implementation(_EXPERTS_NAME)
