@@ -8,6 +8,10 @@ linear_token_logprobs at N=16384, H=3584, V=151936 (Qwen2-7B lm_head): TFLOP/s o
 (forward, two backward) against a bf16 cuBLAS matmul of the forward's shape, and peak extra memory
 against the unfused path (full logits), which is this op's x-reference baseline. Checked: log-probs
 and both gradients, against the reference backend.
+grpo_loss_from_hidden (dapo, beta 0.04, bf16, padded completions, trainable lm_head) at Qwen2.5-0.5B
+(4k tokens) and Qwen2.5-7B (8k and 32k tokens) shapes: TFLOP/s of its three matmuls and peak extra
+memory, beside the unfused path, torch.compile of it and Liger's fused linear GRPO loss where
+installed. Checked: the loss and both gradients, against the reference backend.
 
     python bench/run.py --op logprobs
     python -m pytest bench -k logprobs             # pytest-benchmark (bench/test_bench.py)
@@ -116,11 +120,80 @@ def linear_providers() -> dict:
     out = {"quickllm linear_token_logprobs": _linear_step(lambda h, w, ids: qk.linear_token_logprobs(h, w, ids)),
            "unfused (full logits)": _linear_step(_unfused),
            "torch.compile(unfused)": lambda h, w, ids: _linear_step(compiled(_unfused))(h, w, ids)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The GRPO loss from hidden states (the lm_head, log-probs and loss fused, one pass) against Liger's
+# fused linear GRPO loss and the unfused path; dapo, beta 0.04, bf16, trainable lm_head
+# ------------------------------------------------------------------------------------------------
+
+GRPO_CASES = {
+    "qwen2.5_0.5b_4k_tokens": dict(batch=32, tokens=128, hidden=896, vocab=151936),
+    "qwen2.5_7b_8k_tokens": dict(batch=16, tokens=512, hidden=3584, vocab=151936),
+    "qwen2.5_7b_32k_tokens": dict(batch=32, tokens=1024, hidden=3584, vocab=151936),
+}
+SMOKE_GRPO = {"smoke_grpo": dict(batch=3, tokens=8, hidden=32, vocab=500)}
+_GRPO_BETA = 0.04
+_UNFUSED_MAX_LOGITS = 1 << 32  # bytes of bf16 logits past which the unfused provider is not run
+
+
+def _grpo_inputs(c, device):
+    g = torch.Generator(device=device).manual_seed(2)
+    b, t, h, v = c["batch"], c["tokens"], c["hidden"], c["vocab"]
+    hidden = torch.randn(b, t, h, generator=g, device=device, dtype=torch.bfloat16).requires_grad_()
+    w = (torch.randn(v, h, generator=g, device=device) / h ** 0.5).to(torch.bfloat16).requires_grad_()
+    ids = torch.randint(0, v, (b, t), generator=g, device=device)
+    lengths = torch.randint(t // 2, t + 1, (b,), generator=g, device=device)
+    mask = (torch.arange(t, device=device)[None] < lengths[:, None]).float()  # padded completions
+    old = -12.0 + 0.1 * torch.randn(b, t, generator=g, device=device)  # near the policy's log-probs
+    ref = old + 0.05 * torch.randn(b, t, generator=g, device=device)
+    adv = torch.randn(b, generator=g, device=device)
+    return hidden, w, ids, mask, old, ref, adv
+
+
+def _grpo_step(loss_fn):
+    def make(hidden, w, ids, mask, old, ref, adv):
+        def step():
+            hidden.grad = w.grad = None
+            loss = loss_fn(hidden, w, ids, mask, old, ref, adv)
+            loss.backward()
+            return loss.detach().float(), hidden.grad, w.grad
+        return step
+    return make
+
+
+def _grpo_ours(hidden, w, ids, mask, old, ref, adv):
+    return qk.grpo_loss_from_hidden(hidden, w, ids, old, ref, adv, mask, loss_type="dapo", beta=_GRPO_BETA)[0]
+
+
+def _grpo_unfused(hidden, w, ids, mask, old, ref, adv):
+    lp = torch.log_softmax((hidden @ w.T).float(), -1).gather(-1, ids[..., None])[..., 0]
+    return qk.grpo_loss(lp, old, ref, adv, mask, loss_type="dapo", beta=_GRPO_BETA)[0]
+
+
+def _grpo_expected(hidden, w, *rest):
+    h2, w2 = hidden.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    return _grpo_step(on_backend("reference", _grpo_ours))(h2, w2, *rest)()
+
+
+def grpo_providers(c) -> dict:
+    out = {"quickllm grpo_loss_from_hidden": _grpo_step(_grpo_ours)}
+    if c["batch"] * c["tokens"] * c["vocab"] * 2 <= _UNFUSED_MAX_LOGITS:
+        out["unfused (full logits)"] = _grpo_step(_grpo_unfused)
+        out["torch.compile(unfused)"] = lambda *x: _grpo_step(compiled(_grpo_unfused))(*x)
+    else:
+        out["unfused (full logits)"] = "not run: its float32 log-softmax alone would pass 8 GiB"
     try:
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss  # noqa: F401
-        out["liger fused linear GRPO"] = "installed, not yet wired into this benchmark"
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
     except ImportError as e:
         out["liger fused linear GRPO"] = f"not installed ({e.name})"
+    else:
+        liger = LigerFusedLinearGRPOLoss(beta=_GRPO_BETA, loss_type="dapo", use_ref_model=True)
+
+        def _liger(hidden, w, ids, mask, old, ref, adv):
+            return liger(hidden, w, ids, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)[0]
+        out["liger fused linear GRPO"] = _grpo_step(_liger)
     return out
 
 
@@ -139,6 +212,16 @@ def cases(device, smoke: bool = False) -> list[Case]:
             inputs=functools.partial(_linear_inputs, c, device), providers=linear_providers(),
             expected=_linear_expected, flops=3 * 2 * n * h * v, tol=2e-2, matmul_ceiling=(n, v, h),
             baselines={"vs_reference": "unfused (full logits)", "vs_compiled": "torch.compile(unfused)"},
+            peak_memory=n * v * 2))
+    for name, c in (SMOKE_GRPO if smoke else GRPO_CASES).items():
+        b, t, h, v = c["batch"], c["tokens"], c["hidden"], c["vocab"]
+        n = b * t
+        out.append(Case(
+            op="grpo_loss_from_hidden", name=name, shape=f"B={b} T={t} H={h} V={v} bf16 dapo fwd+bwd",
+            inputs=functools.partial(_grpo_inputs, c, device), providers=grpo_providers(c),
+            expected=_grpo_expected, flops=3 * 2 * n * h * v, tol=2e-2, matmul_ceiling=(n, v, h),
+            baselines={"vs_reference": "unfused (full logits)", "vs_compiled": "torch.compile(unfused)",
+                       "vs_liger": "liger fused linear GRPO"},
             peak_memory=n * v * 2))
     return out
 

@@ -37,7 +37,7 @@ COLUMNS = [("case", "case", ""), ("shape", "shape", ""), ("provider", "provider"
            ("vs_reference", "x reference", ".2f"), ("vs_compiled", "x compile", ".2f"),
            ("vs_torch_blockwise", "x torch blockwise", ".2f"), ("vs_scaled_mm", "x _scaled_mm", ".2f"),
            ("vs_cublas_bf16", "x cuBLAS bf16", ".2f"), ("vs_flashinfer", "x FlashInfer", ".2f"),
-           ("vs_flashmla", "x FlashMLA", ".2f"), ("vs_expanded", "x expanded", ".2f"), ("note", "skipped / wrong", "")]
+           ("vs_flashmla", "x FlashMLA", ".2f"), ("vs_expanded", "x expanded", ".2f"), ("vs_liger", "x Liger", ".2f"), ("note", "skipped / wrong", "")]
 
 
 class Interrupted(BaseException):  # not an Exception: a provider's error handler must not swallow it

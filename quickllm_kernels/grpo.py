@@ -14,13 +14,17 @@ read in one sitting. Two differences on purpose:
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import difflib
 import math
 
 import torch
 
-from .logprobs import linear_token_logprobs
+from . import backend
+from ._op import call
+from .logprobs import reference
+from .logprobs import _auto_chunk, _lin_check, linear_token_logprobs
 
 __all__ = ["GRPOLossConfig", "group_advantages", "grpo_loss", "grpo_loss_from_hidden",
            "vllm_importance_sampling_ratio", "LOSS_TYPES", "IMPORTANCE_SAMPLING_LEVELS",
@@ -392,8 +396,12 @@ def _check_inputs(who, logprobs, old_logprobs, ref_logprobs, advantages, mask, s
 
 def _loss_terms(logprobs, old_logprobs, ref_logprobs, advantages, mask, cfg: GRPOLossConfig, *,
                 sampling_logprobs=None, importance_sampling_ratio=None, entropy=None, num_items=None,
-                who="grpo_loss"):
-    """Everything grpo_loss computes, as a dict (the loss and the tensors its metrics come from)."""
+                who="grpo_loss", totals=None):
+    """Everything grpo_loss computes, as a dict (the loss and the tensors its metrics come from).
+
+    totals: (sequences, kept tokens) of the whole batch when these rows are one part of it (the fused
+    path's chunks): the loss is then this part's share of the whole batch's loss, so that the parts'
+    losses (and gradients) add up to the whole's. None: these rows are the batch."""
     _check_inputs(who, logprobs, old_logprobs, ref_logprobs, advantages, mask, sampling_logprobs,
                   importance_sampling_ratio, entropy, cfg)
     b, t = logprobs.shape
@@ -470,24 +478,33 @@ def _loss_terms(logprobs, old_logprobs, ref_logprobs, advantages, mask, cfg: GRP
         per_token = per_token + cfg.beta * kl
 
     kept = torch.where(m, per_token.expand(b, t), 0.0)
+    sequences, tokens = (b, None) if totals is None else totals
+    tokens = m.sum() if tokens is None else tokens
+
+    def over_sequences(per_seq):
+        if totals is None:
+            return per_seq.mean() if b else per_seq.sum()
+        return per_seq.sum() / max(sequences, 1)
+
     if lt in ("grpo", "sapo"):
-        per_seq = kept.sum(-1) / count[:, 0].clamp(min=1)
-        loss = per_seq.mean() if b else per_seq.sum()
+        loss = over_sequences(kept.sum(-1) / count[:, 0].clamp(min=1))
     elif lt == "bnpo":
-        loss = kept.sum() / m.sum().clamp(min=1)
+        loss = kept.sum() / tokens.clamp(min=1)
     elif lt == "dr_grpo":
-        loss = kept.sum() / (max(b, 1) * cfg.max_completion_length)
+        loss = kept.sum() / (max(sequences, 1) * cfg.max_completion_length)
     elif lt in GLOBALLY_NORMALISED:
         norm = _global_token_normaliser(m) if num_items is None else num_items
         loss = kept.sum() / torch.as_tensor(norm, device=kept.device).to(dt)
     else:  # luspo
-        per_seq = kept.sum(-1)
-        loss = per_seq.mean() if b else per_seq.sum()
+        loss = over_sequences(kept.sum(-1))
     policy_loss = loss
 
     if cfg.entropy_coef != 0.0:  # the bonus is the mean entropy whatever the loss type
         on = m if ent_mask is None else ent_mask
-        bonus = torch.where(on, entropy, 0.0).sum() / on.sum().clamp(min=1)
+        if totals is not None and ent_mask is not None:
+            raise ValueError(f"{who}: top_entropy_quantile needs the whole batch's entropies at once")
+        on_count = on.sum() if totals is None else tokens
+        bonus = torch.where(on, entropy, 0.0).sum() / on_count.clamp(min=1)
         loss = loss - cfg.entropy_coef * bonus
 
     return dict(loss=loss, policy_loss=policy_loss, mask=m, ratio=ratio, capped=capped, kl=kl, adv=adv, phi=phi,
@@ -583,15 +600,162 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_log
     return terms["loss"], _metrics(terms, cfg, entropy)
 
 
+# --------------------------------------------------------------------------------------------
+# From hidden states: the lm_head, the log-probs and the loss in one pass
+# --------------------------------------------------------------------------------------------
+
+
+def _sequence_coupled(cfg: GRPOLossConfig) -> bool:
+    """Whether a token's gradient depends on the other tokens' log-probs of its sequence (beyond the
+    mask): sequence-level importance weights, VESPO's sequence weight, the off-policy mask."""
+    return (cfg.importance_sampling_level == "sequence" or cfg.loss_type == "vespo"
+            or cfg.off_policy_mask_threshold is not None)
+
+
+def _plan_chunks(counts: list[int], target: int, whole_sequences: bool):
+    """Chunks of the kept rows (numbered in [B, T] row-major order) as (first row, end row, first
+    sequence, end sequence): `target` rows each, or whole sequences adding up to at least `target`."""
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    total, out, r0 = starts[-1], [], 0
+    while r0 < total:
+        s0 = bisect.bisect_right(starts, r0) - 1  # the sequence holding row r0
+        if whole_sequences:
+            s1 = bisect.bisect_left(starts, r0 + target, lo=s0 + 1)
+            s1 = min(s1, len(counts))
+            while counts[s1 - 1] == 0:  # no trailing sequences without kept rows
+                s1 -= 1
+            r1 = starts[s1]
+        else:
+            r1 = min(total, r0 + target)
+            s1 = bisect.bisect_right(starts, r1 - 1)  # one past the sequence holding row r1 - 1
+        out.append((r0, r1, s0, s1))
+        r0 = r1
+    return out
+
+
+class _OnePass(torch.autograd.Function):
+    """The loss as one autograd node whose gradients are computed in its forward pass, chunk by chunk,
+    while each chunk's logits exist: its backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, run):
+        loss, grads = run(ctx.needs_input_grad[:3])
+        ctx.grads = grads
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("grpo_loss_from_hidden: backward through the fused loss a second time; its gradients "
+                               "are computed once, during the forward pass (call it again for another backward)")
+        unit = grad.device.type == "cpu" and float(grad) == 1.0  # no pass over [V, H] for loss.backward()
+        return tuple(None if g is None else (g if unit else g.mul_(grad.to(g.dtype))) for g in grads) + (None,)
+
+
+def _one_pass(hidden, weight, bias, ids, m, cfg, chunks, temperature, loss_args, num_items):
+    """The fused loss: for each chunk of kept rows, logits (one GEMM), log-probs and entropies, the
+    chunk's share of the loss and its gradient with respect to the log-probs (small [rows, T]
+    tensors), the logits' gradient, then grad_hidden and grad_weight (two GEMMs); the logits of one
+    chunk at a time. Returns (loss, metrics, log-probs, entropies) with the loss carrying the gradient."""
+    b, t, h = hidden.shape
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    lp_all = torch.zeros(b, t, dtype=out_dtype, device=hidden.device)
+    ent_all = torch.zeros_like(lp_all)
+    rows_flat = m.reshape(-1).nonzero()[:, 0]  # kept positions, row-major
+    # The CPU kernel (the reference) can work in the logits' own buffer: one [C, V] buffer per chunk
+    in_place = hidden.dtype in (torch.float32, torch.float64) and (not chunks or all(
+        backend.select(op, hidden.device) == "reference" for op in ("token_logprobs", "token_logprobs_backward")))
+    totals = (b, m.sum())
+    side = {}
+
+    def part(x, s0, s1):  # one chunk's sequences of a per-sequence or per-token input
+        return None if x is None or x.dim() == 0 else x[s0:s1]
+
+    def run(needs):
+        need_h, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
+        train = grad_enabled and (need_h or need_w or need_b)
+        grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None
+        grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_w else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.promote_types(weight.dtype, torch.float32),
+                                device=weight.device) if need_b else None
+        for r0, r1, s0, s1 in chunks:
+            pos = rows_flat[r0:r1]
+            bi, ti = pos // t, pos % t
+            x = hidden[bi, ti]  # [C, H], the chunk's kept rows only
+            logits = torch.nn.functional.linear(x, weight, bias)
+            if in_place:  # one [C, V] buffer: the logits, shifted, then their gradient
+                lp, ent, lse, log_s = reference.token_logprobs_inplace(logits, ids[bi, ti], temperature, -100)
+            else:
+                lp, ent, lse = call("token_logprobs", logits, ids[bi, ti], temperature, -100)
+            lp_all[bi, ti], ent_all[bi, ti] = lp, ent
+            if not train:
+                continue
+            local = (bi - s0, ti)
+            with torch.enable_grad():
+                # the chunk's sequences, with the chunk's log-probs in place (for a token-local loss, what the
+                # other positions hold does not reach these positions' gradient)
+                lpv = torch.zeros(s1 - s0, t, dtype=out_dtype, device=hidden.device).index_put(local, lp)
+                lpv.requires_grad_()
+                entv = torch.zeros_like(lpv).index_put(local, ent).requires_grad_(cfg.entropy_coef != 0.0)
+                args = {k: part(v, s0, s1) for k, v in loss_args.items()}
+                terms = _loss_terms(lpv, args.pop("old"), args.pop("ref"), args.pop("adv"), m[s0:s1], cfg,
+                                    entropy=entv, num_items=num_items, who="grpo_loss_from_hidden", totals=totals,
+                                    **args)
+                wrt = [lpv, entv] if entv.requires_grad else [lpv]
+                grads = torch.autograd.grad(terms["loss"], wrt, allow_unused=True)
+            g_lp = grads[0][local] if grads[0] is not None else torch.zeros_like(lp)
+            g_ent = grads[1][local] if len(grads) > 1 and grads[1] is not None else torch.zeros_like(ent)
+            if in_place:
+                g = reference.token_logprobs_backward_inplace(g_lp, g_ent, logits, log_s, ids[bi, ti], ent,
+                                                              temperature, -100)
+            else:
+                g = call("token_logprobs_backward", g_lp, g_ent, logits, ids[bi, ti], lse, ent, temperature, -100)
+            del logits  # only the logits' gradient from here on
+            if need_h:
+                grad_hidden[bi, ti] = torch.mm(g, weight)
+            if need_w:
+                grad_weight.addmm_(g.t(), x)
+            if need_b:
+                grad_bias += g.sum(0, dtype=grad_bias.dtype)
+            del g
+        with torch.no_grad():  # the loss and metrics of the whole batch, from its log-probs
+            args = dict(loss_args)
+            terms = _loss_terms(lp_all, args.pop("old"), args.pop("ref"), args.pop("adv"), m, cfg,
+                                entropy=ent_all, num_items=num_items, who="grpo_loss_from_hidden", **args)
+        side["metrics"] = _metrics(terms, cfg, ent_all)
+        grads = (grad_hidden, grad_weight, None if grad_bias is None else grad_bias.to(weight.dtype))
+        return terms["loss"].detach(), grads if train else None
+
+    grad_enabled = torch.is_grad_enabled()  # the forward pass below runs without it
+    loss = _OnePass.apply(hidden, weight, bias, run)
+    return loss, side["metrics"], lp_all, ent_all
+
+
 def grpo_loss_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, completion_ids: torch.Tensor,
                           old_logprobs, ref_logprobs, advantages, mask, config: GRPOLossConfig | str | None = None, *,
                           temperature: float = 1.0, lm_head_bias: torch.Tensor | None = None, chunk_rows: int = 0,
                           **kwargs):
     """grpo_loss with the policy's log-probs (and entropies) computed from hidden states [B, T, H] and
-    the lm_head weight [V, H] through linear_token_logprobs: the step never holds [B, T, V] logits.
+    the lm_head weight [V, H] (and bias [V]): the step never holds [B, T, V] logits.
     hidden[:, t] must be the state that predicts completion_ids[:, t] ([B, T] int64); masked positions
-    get no logits work and no gradient. The entropy is differentiated only with entropy_coef != 0.
-    Other keywords as grpo_loss. Returns (loss, metrics, logprobs [B, T] float32, 0 where masked)."""
+    get no logits work and no gradient.
+
+    One pass: chunk by chunk of the kept rows, the logits are made (one GEMM), reduced to log-probs
+    and entropies, and differentiated at once: the chunk's share of the loss gives the log-probs'
+    gradient, the logits' gradient follows in one pass over them, then grad_hidden and grad_weight
+    (two GEMMs, only those needed: a frozen lm_head costs none for its weight). The backward pass
+    only scales these gradients, and runs once. Chunks hold `chunk_rows` rows (0: as
+    linear_token_logprobs chooses); a loss whose token gradients depend on their sequence's other
+    log-probs (importance_sampling_level "sequence", vespo, off_policy_mask_threshold) takes whole
+    sequences per chunk. top_entropy_quantile needs every entropy first, and a sequence longer than
+    four chunks of a sequence-coupled loss would make too large a chunk: both go through
+    linear_token_logprobs and grpo_loss instead (the logits computed again in the backward pass).
+    Other keywords as grpo_loss. Returns (loss, metrics, logprobs [B, T] float32, 0 where masked; no
+    gradient: the loss carries it)."""
     who = "grpo_loss_from_hidden"
     if hidden.dim() != 3:
         raise ValueError(f"{who}: hidden must be [B, T, H], got shape {list(hidden.shape)}")
@@ -601,15 +765,45 @@ def grpo_loss_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, co
                          f"got {list(completion_ids.shape)}")
     if tuple(mask.shape) != (b, t):
         raise ValueError(f"{who}: mask must be [B, T] = [{b}, {t}] (hidden's first two dims), got {list(mask.shape)}")
-    options = {k: kwargs.pop(k) for k in list(kwargs) if k not in
-               ("sampling_logprobs", "importance_sampling_ratio", "num_items", "rollout_logprobs")}
+    passed = ("sampling_logprobs", "importance_sampling_ratio", "num_items", "rollout_logprobs")
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k not in passed}
     cfg = _config(config, options, who)
     m = _as_bool_mask(mask)
-    ids = torch.where(m, completion_ids, -100)  # padding gets no logits work and no gradient
-    lp, ent = linear_token_logprobs(hidden.reshape(b * t, h), lm_head_weight, ids.reshape(-1), bias=lm_head_bias,
-                                    temperature=temperature, return_entropy=True, chunk_rows=chunk_rows)
-    lp, ent = lp.view(b, t), ent.view(b, t)
-    if cfg.entropy_coef == 0.0:
-        ent = ent.detach()  # no entropy term in the backward pass
-    loss, metrics = grpo_loss(lp, old_logprobs, ref_logprobs, advantages, m, cfg, entropy=ent, **kwargs)
+    if completion_ids.dtype == torch.int32:
+        completion_ids = completion_ids.long()
+    # every check of the two-pass path, on shapes (the one pass calls the row kernels directly)
+    _lin_check(hidden.reshape(b * t, h), lm_head_weight, lm_head_bias, completion_ids.reshape(-1), temperature)
+    counts = m.sum(-1).tolist()
+    target = chunk_rows if chunk_rows > 0 else _auto_chunk(sum(counts), lm_head_weight.shape[0],
+                                                           lm_head_weight.dtype)
+    coupled = _sequence_coupled(cfg)
+    if cfg.top_entropy_quantile < 1.0 or (coupled and max(counts, default=0) > 4 * target):
+        ids = torch.where(m, completion_ids, -100)  # padding gets no logits work and no gradient
+        lp, ent = linear_token_logprobs(hidden.reshape(b * t, h), lm_head_weight, ids.reshape(-1),
+                                        bias=lm_head_bias, temperature=temperature, return_entropy=True,
+                                        chunk_rows=chunk_rows)
+        lp, ent = lp.view(b, t), ent.view(b, t)
+        if cfg.entropy_coef == 0.0:
+            ent = ent.detach()  # no entropy term in the backward pass
+        loss, metrics = grpo_loss(lp, old_logprobs, ref_logprobs, advantages, m, cfg, entropy=ent, **kwargs)
+        return loss, metrics, lp.detach()
+
+    sampling = kwargs.pop("sampling_logprobs", None)
+    rollout = kwargs.pop("rollout_logprobs", None)
+    if rollout is not None:
+        if sampling is not None:
+            raise TypeError(f"{who}: give sampling_logprobs or rollout_logprobs (its older name), not both")
+        sampling = rollout
+    num_items = kwargs.pop("num_items", None)
+    lp0 = hidden.new_zeros((b, t), dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    # every check of grpo_loss, once, on the whole batch (the chunks' calls repeat them on parts)
+    _check_inputs(who, lp0, old_logprobs, ref_logprobs, advantages, m, sampling,
+                  kwargs.get("importance_sampling_ratio"), lp0, cfg)
+    if num_items is None and cfg.loss_type in GLOBALLY_NORMALISED:
+        num_items = _global_token_normaliser(m)  # once: a collective under torch.distributed
+    loss_args = dict(old=old_logprobs, ref=ref_logprobs, adv=advantages, sampling_logprobs=sampling,
+                     importance_sampling_ratio=kwargs.get("importance_sampling_ratio"))
+    chunks = _plan_chunks(counts, max(1, target), coupled)
+    loss, metrics, lp, _ = _one_pass(hidden, lm_head_weight, lm_head_bias, completion_ids, m, cfg, chunks,
+                                     float(temperature), loss_args, num_items)
     return loss, metrics, lp

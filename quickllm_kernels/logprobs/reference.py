@@ -44,9 +44,12 @@ def _exp_sums(zs):
     flat = zs.reshape(-1, v)
     step = max(1, _BLOCK_BYTES // (flat.element_size() * max(v, 1)))
     sums, dots = [], []
+    # one block buffer for all blocks: a new one per block would leave the freed blocks between the small
+    # per-row results on the heap, each block then taking fresh pages
+    buf = flat.new_empty((min(step, flat.shape[0]), v)) if not zs.requires_grad else None
     for r in range(0, flat.shape[0], step):
         zb = flat[r:r + step]
-        e = torch.exp(zb)
+        e = torch.exp(zb) if buf is None else torch.exp(zb, out=buf[:zb.shape[0]])
         s, ez = e.sum(-1), _row_dot(e, zb)
         redo = torch.isnan(ez) & ~torch.isnan(s)
         if _decide(redo.any()):
@@ -61,6 +64,14 @@ def _exp_sums(zs):
 def token_logprobs(logits, token_ids, temperature: float, ignore_index: int):
     x = _acc(logits)
     zs = torch.div(x, temperature) if temperature != 1.0 else x.clone()  # becomes z - max(z), [..., V]
+    lp, ent, lse, _ = _stats_(zs, token_ids, ignore_index)
+    out = lp, ent, lse
+    return tuple(t.float() if logits.dtype != torch.float64 else t for t in out)
+
+
+def _stats_(zs, token_ids, ignore_index: int):
+    """(logprob, entropy, lse, log_s) of z = zs, which becomes z - max(z) (in place): z - lse is then
+    zs - log_s."""
     # the shift is a constant (detached: lse and the entropy do not depend on it), which also keeps this
     # function differentiable for the tests that use it as an oracle, in place updates included
     zd = zs.detach()
@@ -79,25 +90,46 @@ def token_logprobs(logits, token_ids, temperature: float, ignore_index: int):
     # raises before getting here)
     picked = torch.where(in_range, zs.gather(-1, ids[..., None].long())[..., 0], float("nan"))
     zero = torch.zeros_like(lse)
-    out = torch.where(keep, picked - log_s, zero), torch.where(keep, entropy, zero), lse
-    return tuple(t.float() if logits.dtype != torch.float64 else t for t in out)
+    return torch.where(keep, picked - log_s, zero), torch.where(keep, entropy, zero), lse, log_s
 
 
 def token_logprobs_backward(grad_logprobs, grad_entropy, logits, token_ids, lse, entropy,
                             temperature: float, ignore_index: int):
     x = _acc(logits)
-    acc = x.dtype
+    g = torch.div(x, temperature) if temperature != 1.0 else x.clone()
+    g.sub_(lse.to(x.dtype)[..., None])  # z - lse
+    return _gradient_(g, grad_logprobs, grad_entropy, token_ids, entropy, temperature, ignore_index,
+                      finite=lambda: bool(torch.isfinite(x).all())).to(logits.dtype)
+
+
+def token_logprobs_inplace(logits, token_ids, temperature: float, ignore_index: int):
+    """token_logprobs for a float32/float64 [rows, V] buffer that the caller gives up: its logits
+    become z - max(z) in place (no second [rows, V] buffer). Returns (logprob, entropy, lse, log_s);
+    token_logprobs_backward_inplace then turns the same buffer into the logits' gradient."""
+    zs = logits.div_(temperature) if temperature != 1.0 else logits
+    return _stats_(zs, token_ids, ignore_index)
+
+
+def token_logprobs_backward_inplace(grad_logprobs, grad_entropy, shifted, log_s, token_ids, entropy,
+                                    temperature: float, ignore_index: int):
+    """The gradient with respect to the logits, written over token_logprobs_inplace's buffer."""
+    g = shifted.sub_(log_s[..., None])  # z - lse
+    return _gradient_(g, grad_logprobs, grad_entropy, token_ids, entropy, temperature, ignore_index,
+                      finite=lambda: bool(torch.isfinite(g).all()))
+
+
+def _gradient_(g, grad_logprobs, grad_entropy, token_ids, entropy, temperature, ignore_index, finite):
+    """g (holding z - lse) becomes (onehot - p) * g_lp - p * (z - lse + entropy) * g_ent, / T."""
+    acc = g.dtype
     keep = token_ids != ignore_index
     glp = torch.where(keep, grad_logprobs.to(acc), 0.0)[..., None]
     gent = torch.where(keep, grad_entropy.to(acc), 0.0)[..., None]
-    lse_ = lse.to(acc)[..., None]
-    g = torch.div(x, temperature) if temperature != 1.0 else x.clone()
-    g.sub_(lse_)  # z - lse
     if _decide((gent != 0).any()):
+        has_inf = not finite()  # -inf logits (masked vocabulary entries): checked before g changes
         p = torch.exp(g)
         # g = glp * (onehot - p) - gent * p * (z - lse + entropy), the onehot added below
         g.add_(entropy.to(acc)[..., None]).mul_(gent).add_(glp).mul_(p).neg_()
-        if _decide(~torch.isfinite(x).all()):
+        if has_inf:
             g.masked_fill_(p == 0, 0.0)  # -inf logits: p = 0 and the line above gave 0 * -inf
         del p
     else:  # no entropy gradient: one buffer, no entropy term
@@ -111,4 +143,4 @@ def token_logprobs_backward(grad_logprobs, grad_entropy, logits, token_ids, lse,
     dropped = (~keep).reshape(-1).nonzero()[:, 0]
     if dropped.numel():
         flat.index_fill_(0, dropped, 0.0)  # not a product with 0: an ignored row's logits may be -inf or NaN
-    return g.to(logits.dtype)
+    return g
