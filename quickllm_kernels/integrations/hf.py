@@ -15,8 +15,8 @@ qwen3, mixtral, qwen3_moe, deepseek_v3):
     q_norm/k_norm, RoPE, the cache, the model's attention implementation, o_proj) -> qk.apply_rope
     on the projections' views, one launch for q and k. The cos/sin the model's rotary embedding
     computed are used as they are (any rope type, attention factor included).
-  * MoE routers (Mixtral's softmax top-k; DeepSeek-V3's sigmoid, correction bias, group-limited
-    choice, scaling) -> qk.moe_route.
+  * MoE routers (Mixtral's and Qwen3-MoE's softmax top-k, renormalised or not; DeepSeek-V3's sigmoid,
+    correction bias, group-limited choice, scaling) -> qk.moe_route.
   * MoE experts, through transformers' experts-implementation registry: "quickllm" is registered
     and set for this model (`set_experts_implementation`); it runs qk.moe_experts where the experts
     are concatenated gate/up, SiLU, without bias, not transposed and not expert-parallel, and the
@@ -185,7 +185,15 @@ def _deepseek_router_forward(self, hidden_states):
     return logits, weights, ids.long()
 
 
-_ROUTERS = {"MixtralTopKRouter": _mixtral_router_forward, "DeepseekV3TopkRouter": _deepseek_router_forward}
+def _qwen3_moe_router_forward(self, hidden_states):
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    logits = nn.functional.linear(hidden_states, self.weight)
+    weights, ids = qk.moe_route(logits, self.top_k, scoring="softmax", renormalize=bool(self.norm_topk_prob))
+    return logits, weights.to(logits.dtype), ids.long()
+
+
+_ROUTERS = {"MixtralTopKRouter": _mixtral_router_forward, "DeepseekV3TopkRouter": _deepseek_router_forward,
+            "Qwen3MoeTopKRouter": _qwen3_moe_router_forward}
 
 
 def _experts_supported(self) -> str | None:
@@ -262,8 +270,9 @@ def apply(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, moe: bo
             report.router += 1
         elif rope and name == "DeepseekV3Attention":
             params = inspect.signature(type(module).forward).parameters
-            if "cache" in params and hasattr(module, "expand_kv"):  # the latent-cache layout it mirrors
-                module._quickllm_cache_kwarg = True
+            if ("cache" in params or "past_key_values" in params) and hasattr(module, "expand_kv"):
+                # the latent-cache layout it mirrors (transformers 5.17 names the cache past_key_values)
+                module._quickllm_cache_kwarg = "cache" in params
                 _set_forward(state, module, _deepseek_attention_forward)
                 report.rope += 1
             else:

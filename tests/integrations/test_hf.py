@@ -27,6 +27,9 @@ FAMILIES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(MOE)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, head_dim=16,
                                                                moe_intermediate_size=32, norm_topk_prob=True)),
+    "qwen3_moe_unnormalised": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                               dict(num_experts=4, num_experts_per_tok=2, head_dim=16, moe_intermediate_size=32,
+                                    norm_topk_prob=False)),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                     dict(num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
                          n_group=2, topk_group=1, kv_lora_rank=32, q_lora_rank=24, qk_rope_head_dim=8,
@@ -34,7 +37,7 @@ FAMILIES = {
 }
 # what each family routes: (RMSNorm modules, attentions with RoPE, routers, experts modules)
 EXPECTED = {"llama": (5, 2, 0, 0), "mistral": (5, 2, 0, 0), "qwen2": (5, 2, 0, 0), "qwen3": (9, 2, 0, 0),
-            "mixtral": (5, 2, 2, 2), "qwen3_moe": (9, 2, 0, 2), "deepseek_v3": (9, 2, 1, 1)}
+            "mixtral": (5, 2, 2, 2), "qwen3_moe": (9, 2, 2, 2), "qwen3_moe_unnormalised": (9, 2, 2, 2), "deepseek_v3": (9, 2, 1, 1)}
 
 
 def _model(family, seed=0):
@@ -149,3 +152,27 @@ def test_experts_it_does_not_cover_keep_the_models_implementation():
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, ref(ids).logits, **TOL)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mixtral", "deepseek_v3"])
+def test_compiles_fullgraph_with_the_ops_in_the_graph(family):
+    """torch.compile(fullgraph=True) of a routed model: one graph, holding the quickllm ops (custom ops
+    with fake kernels, not traced through), and the same logits as the routed model run eagerly."""
+    model = _model(family)
+    qk_hf.apply(model)
+    ids = _ids()
+    seen = set()
+
+    def backend(gm, example_inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "quickllm" in str(n.target))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = model(ids).logits
+        got = torch.compile(model, backend=backend, fullgraph=True)(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ops = {t.split("quickllm.")[1].split(".")[0] for t in seen}
+    assert {"rms_norm", "apply_rope"} <= ops, seen
+    if family in ("mixtral", "deepseek_v3"):
+        assert "moe_route" in ops, seen
