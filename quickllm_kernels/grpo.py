@@ -656,7 +656,7 @@ class _OnePass(torch.autograd.Function):
         return tuple(None if g is None else (g if unit else g.mul_(grad.to(g.dtype))) for g in grads) + (None,)
 
 
-def _one_pass(hidden, weight, bias, ids, m, cfg, chunks, temperature, loss_args, num_items):
+def _one_pass(hidden, weight, bias, ids, m, cfg, chunks, temperature, loss_args, num_items, who):
     """The fused loss: for each chunk of kept rows, logits (one GEMM), log-probs and entropies, the
     chunk's share of the loss and its gradient with respect to the log-probs (small [rows, T]
     tensors), the logits' gradient, then grad_hidden and grad_weight (two GEMMs); the logits of one
@@ -703,8 +703,7 @@ def _one_pass(hidden, weight, bias, ids, m, cfg, chunks, temperature, loss_args,
                 entv = torch.zeros_like(lpv).index_put(local, ent).requires_grad_(cfg.entropy_coef != 0.0)
                 args = {k: part(v, s0, s1) for k, v in loss_args.items()}
                 terms = _loss_terms(lpv, args.pop("old"), args.pop("ref"), args.pop("adv"), m[s0:s1], cfg,
-                                    entropy=entv, num_items=num_items, who="grpo_loss_from_hidden", totals=totals,
-                                    **args)
+                                    entropy=entv, num_items=num_items, who=who, totals=totals, **args)
                 wrt = [lpv, entv] if entv.requires_grad else [lpv]
                 grads = torch.autograd.grad(terms["loss"], wrt, allow_unused=True)
             g_lp = grads[0][local] if grads[0] is not None else torch.zeros_like(lp)
@@ -725,20 +724,60 @@ def _one_pass(hidden, weight, bias, ids, m, cfg, chunks, temperature, loss_args,
         with torch.no_grad():  # the loss and metrics of the whole batch, from its log-probs
             args = dict(loss_args)
             terms = _loss_terms(lp_all, args.pop("old"), args.pop("ref"), args.pop("adv"), m, cfg,
-                                entropy=ent_all, num_items=num_items, who="grpo_loss_from_hidden", **args)
-        side["metrics"] = _metrics(terms, cfg, ent_all)
+                                entropy=ent_all, num_items=num_items, who=who, **args)
+        side["terms"] = terms
         grads = (grad_hidden, grad_weight, None if grad_bias is None else grad_bias.to(weight.dtype))
         return terms["loss"].detach(), grads if train else None
 
     grad_enabled = torch.is_grad_enabled()  # the forward pass below runs without it
     loss = _OnePass.apply(hidden, weight, bias, run)
-    return loss, side["metrics"], lp_all, ent_all
+    return loss, side["terms"], lp_all, ent_all
+
+
+def _hidden_loss_terms(hidden, weight, bias, completion_ids, mask, cfg: GRPOLossConfig, *, temperature: float,
+                       chunk_rows: int, old_logprobs, ref_logprobs, advantages, sampling_logprobs=None,
+                       importance_sampling_ratio=None, num_items=None, who="grpo_loss_from_hidden"):
+    """The loss from hidden states [B, T, H] and the lm_head, in one pass where it can (see
+    grpo_loss_from_hidden), else through linear_token_logprobs and _loss_terms. Returns (loss, the
+    whole batch's terms as _loss_terms gives them, log-probs and entropies [B, T], detached)."""
+    b, t, h = hidden.shape
+    m = _as_bool_mask(mask)
+    if completion_ids.dtype == torch.int32:
+        completion_ids = completion_ids.long()
+    # every check of the two-pass path, on shapes (the one pass calls the row kernels directly)
+    _lin_check(hidden.reshape(b * t, h), weight, bias, completion_ids.reshape(-1), temperature)
+    counts = m.sum(-1).tolist()
+    target = chunk_rows if chunk_rows > 0 else _auto_chunk(sum(counts), weight.shape[0], weight.dtype)
+    coupled = _sequence_coupled(cfg)
+    loss_args = dict(sampling_logprobs=sampling_logprobs, importance_sampling_ratio=importance_sampling_ratio)
+    if cfg.top_entropy_quantile < 1.0 or (coupled and max(counts, default=0) > 4 * target):
+        ids = torch.where(m, completion_ids, -100)  # padding gets no logits work and no gradient
+        lp, ent = linear_token_logprobs(hidden.reshape(b * t, h), weight, ids.reshape(-1), bias=bias,
+                                        temperature=temperature, return_entropy=True, chunk_rows=chunk_rows)
+        lp, ent = lp.view(b, t), ent.view(b, t)
+        if cfg.entropy_coef == 0.0:
+            ent = ent.detach()  # no entropy term in the backward pass
+        terms = _loss_terms(lp, old_logprobs, ref_logprobs, advantages, m, cfg, entropy=ent, num_items=num_items,
+                            who=who, **loss_args)
+        return terms["loss"], terms, lp.detach(), ent.detach()
+
+    lp0 = hidden.new_zeros((b, t), dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    # every check of _loss_terms, once, on the whole batch (the chunks' calls repeat them on parts)
+    _check_inputs(who, lp0, old_logprobs, ref_logprobs, advantages, m, sampling_logprobs, importance_sampling_ratio,
+                  lp0, cfg)
+    if num_items is None and cfg.loss_type in GLOBALLY_NORMALISED:
+        num_items = _global_token_normaliser(m)  # once: a collective under torch.distributed
+    loss_args.update(old=old_logprobs, ref=ref_logprobs, adv=advantages)
+    chunks = _plan_chunks(counts, max(1, target), coupled)
+    return _one_pass(hidden, weight, bias, completion_ids, m, cfg, chunks, float(temperature), loss_args, num_items,
+                     who)
 
 
 def grpo_loss_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, completion_ids: torch.Tensor,
                           old_logprobs, ref_logprobs, advantages, mask, config: GRPOLossConfig | str | None = None, *,
                           temperature: float = 1.0, lm_head_bias: torch.Tensor | None = None, chunk_rows: int = 0,
-                          **kwargs):
+                          sampling_logprobs=None, importance_sampling_ratio=None, num_items=None,
+                          rollout_logprobs=None, **options):
     """grpo_loss with the policy's log-probs (and entropies) computed from hidden states [B, T, H] and
     the lm_head weight [V, H] (and bias [V]): the step never holds [B, T, V] logits.
     hidden[:, t] must be the state that predicts completion_ids[:, t] ([B, T] int64); masked positions
@@ -765,45 +804,14 @@ def grpo_loss_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, co
                          f"got {list(completion_ids.shape)}")
     if tuple(mask.shape) != (b, t):
         raise ValueError(f"{who}: mask must be [B, T] = [{b}, {t}] (hidden's first two dims), got {list(mask.shape)}")
-    passed = ("sampling_logprobs", "importance_sampling_ratio", "num_items", "rollout_logprobs")
-    options = {k: kwargs.pop(k) for k in list(kwargs) if k not in passed}
     cfg = _config(config, options, who)
-    m = _as_bool_mask(mask)
-    if completion_ids.dtype == torch.int32:
-        completion_ids = completion_ids.long()
-    # every check of the two-pass path, on shapes (the one pass calls the row kernels directly)
-    _lin_check(hidden.reshape(b * t, h), lm_head_weight, lm_head_bias, completion_ids.reshape(-1), temperature)
-    counts = m.sum(-1).tolist()
-    target = chunk_rows if chunk_rows > 0 else _auto_chunk(sum(counts), lm_head_weight.shape[0],
-                                                           lm_head_weight.dtype)
-    coupled = _sequence_coupled(cfg)
-    if cfg.top_entropy_quantile < 1.0 or (coupled and max(counts, default=0) > 4 * target):
-        ids = torch.where(m, completion_ids, -100)  # padding gets no logits work and no gradient
-        lp, ent = linear_token_logprobs(hidden.reshape(b * t, h), lm_head_weight, ids.reshape(-1),
-                                        bias=lm_head_bias, temperature=temperature, return_entropy=True,
-                                        chunk_rows=chunk_rows)
-        lp, ent = lp.view(b, t), ent.view(b, t)
-        if cfg.entropy_coef == 0.0:
-            ent = ent.detach()  # no entropy term in the backward pass
-        loss, metrics = grpo_loss(lp, old_logprobs, ref_logprobs, advantages, m, cfg, entropy=ent, **kwargs)
-        return loss, metrics, lp.detach()
-
-    sampling = kwargs.pop("sampling_logprobs", None)
-    rollout = kwargs.pop("rollout_logprobs", None)
-    if rollout is not None:
-        if sampling is not None:
+    if rollout_logprobs is not None:
+        if sampling_logprobs is not None:
             raise TypeError(f"{who}: give sampling_logprobs or rollout_logprobs (its older name), not both")
-        sampling = rollout
-    num_items = kwargs.pop("num_items", None)
-    lp0 = hidden.new_zeros((b, t), dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
-    # every check of grpo_loss, once, on the whole batch (the chunks' calls repeat them on parts)
-    _check_inputs(who, lp0, old_logprobs, ref_logprobs, advantages, m, sampling,
-                  kwargs.get("importance_sampling_ratio"), lp0, cfg)
-    if num_items is None and cfg.loss_type in GLOBALLY_NORMALISED:
-        num_items = _global_token_normaliser(m)  # once: a collective under torch.distributed
-    loss_args = dict(old=old_logprobs, ref=ref_logprobs, adv=advantages, sampling_logprobs=sampling,
-                     importance_sampling_ratio=kwargs.get("importance_sampling_ratio"))
-    chunks = _plan_chunks(counts, max(1, target), coupled)
-    loss, metrics, lp, _ = _one_pass(hidden, lm_head_weight, lm_head_bias, completion_ids, m, cfg, chunks,
-                                     float(temperature), loss_args, num_items)
-    return loss, metrics, lp
+        sampling_logprobs = rollout_logprobs
+    loss, terms, lp, ent = _hidden_loss_terms(
+        hidden, lm_head_weight, lm_head_bias, completion_ids, mask, cfg, temperature=temperature,
+        chunk_rows=chunk_rows, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
+        sampling_logprobs=sampling_logprobs, importance_sampling_ratio=importance_sampling_ratio,
+        num_items=num_items, who=who)
+    return loss, _metrics(terms, cfg, ent), lp

@@ -5,11 +5,13 @@
     patch = patch_trainer(trainer)      # this trainer only; patch.unpatch() (or `with patch_trainer(t):`) undoes it
     trainer.train()
 
-After patching, every log-prob the trainer computes (the policy's in the loss, the old and the reference
-log-probs at generation time) comes from the backbone's last hidden states through
-`linear_token_logprobs` (the lm_head in row chunks, completion tokens only: no [B, T, V] logits), and
-the loss is `quickllm_kernels.grpo`'s, with the options read from the trainer exactly where TRL reads
-them (loss_type, beta, epsilon / epsilon_high, delta, importance_sampling_level, temperature,
+After patching, every log-prob the trainer computes comes from the backbone's last hidden states
+through the lm_head in row chunks of the completion tokens only (no [B, T, V] logits): the old and
+reference log-probs at generation time through `linear_token_logprobs`, and the loss in one pass
+(grpo_loss_from_hidden's: each chunk's logits made once, its gradients computed while they exist, no
+second lm_head pass in the backward; top_entropy_quantile, which needs every entropy first, takes
+linear_token_logprobs and the loss after it). The loss is `quickllm_kernels.grpo`'s, with the options
+read from the trainer exactly where TRL reads them (loss_type, beta, epsilon / epsilon_high, delta, importance_sampling_level, temperature,
 use_bias_correction_kl, top_entropy_quantile, off_policy_mask_threshold, the vLLM importance-sampling
 ratio, sapo / vespo parameters, the entropy bonus and its adaptive controller, gradient accumulation
 and the dapo / cispo / vespo normaliser). The metrics TRL logs are logged under the same names.
@@ -27,7 +29,7 @@ import types
 
 import torch
 
-from ..grpo import CLIPPED, GLOBALLY_NORMALISED, GRPOLossConfig, _loss_terms
+from ..grpo import CLIPPED, GLOBALLY_NORMALISED, GRPOLossConfig, _hidden_loss_terms
 from ..logprobs import linear_token_logprobs
 
 __all__ = ["patch_trainer", "unpatch_trainer", "loss_config_from_trl", "TRLPatch", "TESTED_TRL"]
@@ -203,18 +205,21 @@ def unpatch_trainer(trainer) -> None:
 
 
 def _make_forward(previous, patch: TRLPatch):
-    def forward(self, *args, quickllm_labels=None, **kwargs):
-        if quickllm_labels is None:
+    def forward(self, *args, quickllm_labels=None, quickllm_loss=None, **kwargs):
+        if quickllm_labels is None and quickllm_loss is None:
             return previous(*args, **kwargs)
         trainer = patch.trainer
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]  # [B, S - 1, H]
-        labels = quickllm_labels[:, 1:]
         head = self.get_output_embeddings()
         weight, bias = head.weight, head.bias
-        hidden, labels = hidden.to(weight.device), labels.to(weight.device)
-        keep = labels != -100
-        rows = hidden[keep]  # only the scored positions reach the lm_head
+        hidden = hidden.to(weight.device)
+        if quickllm_loss is not None:  # the loss in one pass from the hidden states (no log-probs tensor first)
+            rows = hidden
+        else:
+            labels = quickllm_labels[:, 1:].to(weight.device)
+            keep = labels != -100
+            rows = hidden[keep]  # only the scored positions reach the lm_head
         ctx = contextlib.nullcontext()
         if trainer.args.cast_lm_head_to_fp32:
             rows, ctx = rows.float(), torch.autocast(rows.device.type, enabled=False)
@@ -226,6 +231,10 @@ def _make_forward(previous, patch: TRLPatch):
             rows = rows.to(weight.dtype)
         # logits * scale / T: the scale of the families that scale their logits folds into the temperature
         temperature = trainer.temperature / _logit_scale(self.config.get_text_config())
+        if quickllm_loss is not None:
+            with ctx:
+                return quickllm_loss(rows, weight.to(rows.dtype), None if bias is None else bias.to(rows.dtype),
+                                     temperature)
         with ctx:
             lp, ent = linear_token_logprobs(rows, weight.to(rows.dtype), labels[keep], temperature=temperature,
                                             bias=None if bias is None else bias.to(rows.dtype),
@@ -268,7 +277,8 @@ def _per_token_logps_and_entropies(self, model, input_ids, attention_mask, logit
 
 
 def _compute_loss(self, model, inputs):
-    """GRPOTrainer._compute_loss on quickllm_kernels.grpo."""
+    """GRPOTrainer._compute_loss on quickllm_kernels.grpo: the backbone's hidden states, then the lm_head,
+    the log-probs and the loss in one pass (grpo_loss_from_hidden's), TRL's scaling and metrics."""
     present = sorted(k for k in _MULTIMODAL + ("token_type_ids",) if inputs.get(k) is not None)
     if any(k != "token_type_ids" for k in present):
         raise ValueError(f"quickllm_kernels.integrations.trl: multimodal inputs ({', '.join(present)}) are not "
@@ -278,15 +288,10 @@ def _compute_loss(self, model, inputs):
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention_mask = torch.cat([prompt_mask, completion_mask], 1)
     mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-    logps, entropies, _ = self._get_per_token_logps_and_entropies(
-        model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
-        token_type_ids=inputs.get("token_type_ids"))
 
     cfg = loss_config_from_trl(self).replace(entropy_coef=0.0, vllm_importance_sampling_correction=False)
-    bonus_on = self._entropy_bonus_enabled
-    if not bonus_on:
-        entropies = entropies.detach()  # no entropy term in the backward pass
     training = self.model.training
+    mode = "train" if training else "eval"
     accumulation = self.current_gradient_accumulation_steps if training else 1.0
     num_items = None
     if cfg.loss_type in GLOBALLY_NORMALISED:
@@ -297,51 +302,66 @@ def _compute_loss(self, model, inputs):
     is_ratio = None
     if self.use_vllm and self.vllm_importance_sampling_correction:
         is_ratio = inputs["importance_sampling_ratio"]
-    terms = _loss_terms(logps, inputs.get("old_per_token_logps"),
-                        inputs.get("ref_per_token_logps") if cfg.beta != 0.0 else None, inputs["advantages"], mask,
-                        cfg, sampling_logprobs=inputs.get("sampling_per_token_logps"),
-                        importance_sampling_ratio=is_ratio, entropy=entropies, num_items=num_items,
-                        who="quickllm_kernels.integrations.trl")
-    loss = terms["loss"]
+    # TRL's entropy bonus, coef * mean entropy / accumulation, as the loss's own entropy term: the
+    # dapo-like losses are not divided by the accumulation (their num_items is), the others are
+    bonus_on = self._entropy_bonus_enabled
+    coef = _entropy_coefficient(self) if bonus_on else 0.0
+    if cfg.loss_type in GLOBALLY_NORMALISED:
+        coef = coef / accumulation
+    cfg_loss = cfg.replace(entropy_coef=coef)
+    patch = getattr(self, _ATTR)
+    c = completion_ids.size(1)
+
+    def loss_fn(hidden, weight, bias, temperature):
+        return _hidden_loss_terms(
+            hidden[:, -c:], weight, bias, completion_ids.to(weight.device), mask.to(weight.device), cfg_loss,
+            temperature=temperature, chunk_rows=patch.chunk_rows, old_logprobs=inputs.get("old_per_token_logps"),
+            ref_logprobs=inputs.get("ref_per_token_logps") if cfg.beta != 0.0 else None,
+            advantages=inputs["advantages"], sampling_logprobs=inputs.get("sampling_per_token_logps"),
+            importance_sampling_ratio=is_ratio, num_items=num_items, who="quickllm_kernels.integrations.trl")
+
+    extra = {} if inputs.get("token_type_ids") is None else {"token_type_ids": inputs["token_type_ids"]}
+    with self.accelerator.autocast():
+        loss, terms, _, entropies = model(input_ids=input_ids, attention_mask=attention_mask, quickllm_loss=loss_fn,
+                                          **extra)
     if cfg.loss_type not in GLOBALLY_NORMALISED:
         loss = loss / accumulation
-    policy_loss = loss.detach() if cfg.loss_type in GLOBALLY_NORMALISED else terms["loss"].detach()
 
-    mode = "train" if training else "eval"
     metrics = self._metrics[mode]
     if bonus_on:
-        loss = loss - _entropy_bonus(self, entropies, terms, accumulation, mode)
-        metrics["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+        on = terms["mask"] if terms["entropy_mask"] is None else terms["entropy_mask"]
+        _update_entropy_controller(self, entropies, on, mode)
+        metrics["policy_loss"].append(self.accelerator.gather(terms["policy_loss"].detach()).nanmean().item())
         if mode == "train" and self.accelerator.sync_gradients:
             metrics["entropy_coef"].append(self.entropy_coef)
-    _log_metrics(self, metrics, terms, entropies.detach(), cfg)
+    _log_metrics(self, metrics, terms, entropies, cfg)
     return loss
 
 
-def _entropy_bonus(self, entropies, terms, accumulation, mode):
-    """TRL's entropy regularisation: coef * mean entropy over the tokens the policy loss acts on, the
-    coefficient (adaptive: Skywork-OR1's controller) fixed for the whole accumulation window."""
-    on = terms["mask"] if terms["entropy_mask"] is None else terms["entropy_mask"]
-    mean_entropy = torch.where(on, entropies, 0.0).sum() / on.sum().clamp(min=1) / accumulation
+def _entropy_coefficient(self):
+    """The entropy bonus's coefficient for this step (adaptive: Skywork-OR1's controller, fixed for the
+    whole accumulation window: 0 while the last window's entropy was above the target)."""
     if self.use_adaptive_entropy:
-        coef = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
-        if mode == "train":
-            stats = torch.stack([torch.where(on, entropies.detach(), 0.0).sum(), on.sum().to(entropies.dtype)])
-            self._entropy_window_stats = stats if self._entropy_window_stats is None else \
-                self._entropy_window_stats + stats
-            if self.accelerator.sync_gradients:
-                total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
-                world_entropy = (total[0] / total[1].clamp(min=1.0)).item()
-                step = self.args.entropy_coef_delta
-                if world_entropy <= self.args.entropy_target:
-                    self.entropy_coef = min(self.entropy_coef + step, self.args.entropy_coef_max)
-                else:
-                    self.entropy_coef = max(self.entropy_coef - step, self.args.entropy_coef_min)
-                self._last_world_entropy = world_entropy
-                self._entropy_window_stats = None
-    else:
-        coef = self.entropy_coef
-    return coef * mean_entropy
+        return self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+    return self.entropy_coef
+
+
+def _update_entropy_controller(self, entropies, on, mode):
+    """The adaptive controller's window statistics, and its step at the end of a window."""
+    if not (self.use_adaptive_entropy and mode == "train"):
+        return
+    stats = torch.stack([torch.where(on, entropies.detach(), 0.0).sum(), on.sum().to(entropies.dtype)])
+    self._entropy_window_stats = stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+    if self.accelerator.sync_gradients:
+        total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+        world_entropy = (total[0] / total[1].clamp(min=1.0)).item()
+        step = self.args.entropy_coef_delta
+        if world_entropy <= self.args.entropy_target:
+            self.entropy_coef = min(self.entropy_coef + step, self.args.entropy_coef_max)
+        else:
+            self.entropy_coef = max(self.entropy_coef - step, self.args.entropy_coef_min)
+        self._last_world_entropy = world_entropy
+        self._entropy_window_stats = None
 
 
 def _log_metrics(self, metrics, terms, entropies, cfg):

@@ -19,6 +19,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noq
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
+import quickllm_kernels.grpo as qgrpo  # noqa: E402
 import quickllm_kernels.integrations.trl as qtrl  # noqa: E402
 from quickllm_kernels.grpo import LOSS_TYPES, GRPOLossConfig, vllm_importance_sampling_ratio  # noqa: E402
 
@@ -157,19 +158,26 @@ def trainer(model_dir, tmp_path_factory):
 
 @pytest.fixture
 def fused_only(monkeypatch):
-    """While set: TRL's own chunked log-prob head raises, and calls of linear_token_logprobs are counted."""
+    """While set: TRL's own chunked log-prob head raises, and the fused calls are counted: ("logprobs", rows)
+    for linear_token_logprobs (the old and reference log-probs, and the loss where it cannot take one
+    pass), ("one pass", kept rows) for the one-pass loss."""
     calls = []
-    real = qtrl.linear_token_logprobs
 
-    def counted(*a, **k):
-        calls.append(a[0].shape[0])
-        return real(*a, **k)
+    def counted(module, name, kind, rows):
+        real = getattr(module, name)
+
+        def wrapper(*a, **k):
+            calls.append((kind, rows(a)))
+            return real(*a, **k)
+        monkeypatch.setattr(module, name, wrapper)
 
     def refuse(*a, **k):
         raise AssertionError("TRL's chunked log-prob head ran under the patch")
 
     def arm():
-        monkeypatch.setattr(qtrl, "linear_token_logprobs", counted)
+        counted(qtrl, "linear_token_logprobs", "logprobs", lambda a: a[0].shape[0])
+        counted(qgrpo, "linear_token_logprobs", "logprobs", lambda a: int((a[2] != -100).sum()))
+        counted(qgrpo, "_one_pass", "one pass", lambda a: int(a[4].sum()))
         monkeypatch.setattr(trl.trainer.utils._ChunkedLogProbFunction, "apply", refuse)
         return calls
 
@@ -219,7 +227,10 @@ def test_patched_loss_matches_trl(trainer, fused_only, loss_type, option):
     calls = fused_only()
     with qtrl.patch_trainer(trainer):
         got = _step(trainer, inputs)
-    assert calls == [int(inputs["completion_mask"].sum())]  # one fused call, over the completion tokens only
+    # one fused call, over the completion tokens only: in one pass, except where the loss needs every
+    # entropy first (top_entropy_quantile)
+    kind = "logprobs" if opts.get("top_entropy_quantile", 1.0) < 1.0 else "one pass"
+    assert calls == [(kind, int(inputs["completion_mask"].sum()))]
     _assert_same(got, want)
     assert float(want[0]) != 0.0
 
@@ -252,7 +263,8 @@ def test_training_steps_match_trl(model_dir, tmp_path, fused_only):
     calls = fused_only()
     qtrl.patch_trainer(patched)
     patched.train()
-    assert len(calls) == 2 * 2 + 3  # two generations (old and reference log-probs each), three loss steps
+    # two generations (old and reference log-probs each), three loss steps in one pass each
+    assert [kind for kind, _ in calls].count("logprobs") == 2 * 2 and [kind for kind, _ in calls].count("one pass") == 3
     logs = [h for h in plain.state.log_history if "loss" in h]
     logs_p = [h for h in patched.state.log_history if "loss" in h]
     assert len(logs) == len(logs_p) == 3
