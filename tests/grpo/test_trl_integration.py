@@ -56,14 +56,14 @@ def _reward(completions, **kw):
     return [len(c) / 8 + c.count("1") + 0.5 * c.count("+") for c in completions]
 
 
-def _trainer(model_dir, tmp_path, **overrides):
+def _trainer(model_dir, tmp_path, peft_config=None, **overrides):
     kw = dict(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, gradient_checkpointing=False,
               report_to="none", per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
               max_steps=2, logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True)
     kw.update(overrides)
     ds = Dataset.from_dict({"prompt": ["1+2=", "3+44=", "5+6=", "7+1=", "12+9=", "8+8="]})
     return GRPOTrainer(model=model_dir, reward_funcs=_reward, args=GRPOConfig(**kw), train_dataset=ds,
-                       processing_class=_tokenizer())
+                       processing_class=_tokenizer(), peft_config=peft_config)
 
 
 def _inputs(trainer, seed, *, per_token_adv=False):
@@ -323,3 +323,37 @@ def test_refusals(trainer, monkeypatch):
     with qtrl.patch_trainer(trainer), pytest.raises(ValueError, match=r"multimodal inputs \(pixel_values\)"):
         trainer.compute_loss(trainer.model, inputs)
     assert "_compute_loss" not in trainer.__dict__
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("setup", ["gradient_checkpointing", "bf16", "peft"])
+def test_patched_training_setups(model_dir, tmp_path, fused_only, setup):
+    """The patched loss under gradient checkpointing (the backbone recomputed in the backward pass), bf16
+    autocast (the lm_head and the loss on bf16 logits, TRL's too) and a PEFT LoRA policy (the wrapped
+    base model's forward is the one patched; only the adapters train): the loss and every trained
+    parameter's gradient as TRL's (float32: within 1e-5; bf16: as close as two bf16 computations get)."""
+    overrides = {"gradient_checkpointing": dict(gradient_checkpointing=True), "bf16": dict(bf16=True)}.get(setup, {})
+    if setup == "peft":
+        peft = pytest.importorskip("peft")
+        overrides = dict(peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                                     task_type="CAUSAL_LM"))
+    trainer = _trainer(model_dir, tmp_path, **overrides)
+    _configure(trainer, "dapo", dict(entropy_coef=0.05))
+    inputs = _inputs(trainer, seed=7)
+    want = _step(trainer, inputs)
+    calls = fused_only()
+    with qtrl.patch_trainer(trainer):
+        got = _step(trainer, inputs)
+    assert [kind for kind, _ in calls] == ["one pass"]
+    if setup != "bf16":
+        _assert_same(got, want)
+        assert setup != "peft" or all("lora" in name for name in got[1])
+        return
+    (loss, grads, _, _), (loss0, grads0, _, _) = got, want
+    assert abs(float(loss) - float(loss0)) <= 2e-2 * abs(float(loss0))
+    assert grads.keys() == grads0.keys()
+    for name, g0 in grads0.items():
+        assert _rel(grads[name], g0) <= 5e-2, (name, _rel(grads[name], g0))
