@@ -734,6 +734,20 @@ def _one_pass(hidden, weight, bias, ids, m, cfg, chunks, temperature, loss_args,
     return loss, side["terms"], lp_all, ent_all
 
 
+# On a GPU a chunk of the one pass may hold this many bytes of logits (in their dtype): each chunk also
+# costs ~150 small launches for its share of the loss and its gradient (~0.3 ms of host time on the
+# CPU), which chunks of linear_token_logprobs' CPU-sized 128 MiB of float32 would not hide behind their
+# GEMMs at small hidden sizes (Qwen2.5-0.5B: 220 rows, ~0.3 ms of GEMMs).
+_GPU_ONE_PASS_BYTES = 512 << 20
+
+
+def _one_pass_rows(n: int, weight: torch.Tensor) -> int:
+    rows = _auto_chunk(n, weight.shape[0], weight.dtype)
+    if weight.is_cuda:
+        rows = max(rows, _GPU_ONE_PASS_BYTES // (weight.element_size() * max(weight.shape[0], 1)))
+    return max(1, min(n, rows))
+
+
 def _hidden_loss_terms(hidden, weight, bias, completion_ids, mask, cfg: GRPOLossConfig, *, temperature: float,
                        chunk_rows: int, old_logprobs, ref_logprobs, advantages, sampling_logprobs=None,
                        importance_sampling_ratio=None, num_items=None, who="grpo_loss_from_hidden"):
@@ -747,7 +761,7 @@ def _hidden_loss_terms(hidden, weight, bias, completion_ids, mask, cfg: GRPOLoss
     # every check of the two-pass path, on shapes (the one pass calls the row kernels directly)
     _lin_check(hidden.reshape(b * t, h), weight, bias, completion_ids.reshape(-1), temperature)
     counts = m.sum(-1).tolist()
-    target = chunk_rows if chunk_rows > 0 else _auto_chunk(sum(counts), weight.shape[0], weight.dtype)
+    target = chunk_rows if chunk_rows > 0 else _one_pass_rows(sum(counts), weight)
     coupled = _sequence_coupled(cfg)
     loss_args = dict(sampling_logprobs=sampling_logprobs, importance_sampling_ratio=importance_sampling_ratio)
     if cfg.top_entropy_quantile < 1.0 or (coupled and max(counts, default=0) > 4 * target):
@@ -788,7 +802,8 @@ def grpo_loss_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, co
     gradient, the logits' gradient follows in one pass over them, then grad_hidden and grad_weight
     (two GEMMs, only those needed: a frozen lm_head costs none for its weight). The backward pass
     only scales these gradients, and runs once. Chunks hold `chunk_rows` rows (0: as
-    linear_token_logprobs chooses); a loss whose token gradients depend on their sequence's other
+    linear_token_logprobs chooses, and on a GPU up to 512 MiB of logits, so that each chunk's small
+    loss work hides behind its GEMMs); a loss whose token gradients depend on their sequence's other
     log-probs (importance_sampling_level "sequence", vespo, off_policy_mask_threshold) takes whole
     sequences per chunk. top_entropy_quantile needs every entropy first, and a sequence longer than
     four chunks of a sequence-coupled loss would make too large a chunk: both go through
