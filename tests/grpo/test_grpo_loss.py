@@ -746,33 +746,6 @@ def test_loss_from_hidden_skips_unneeded_work(monkeypatch):
     assert counts_entropy["exp"] == counts["exp"] + 4  # the entropy term: p = exp(z - lse) per chunk
 
 
-@pytest.mark.parametrize("block_bytes", [1, 4 * 29 * 3, 1 << 24])
-def test_reference_in_row_blocks(monkeypatch, block_bytes):
-    """The CPU kernel of the fused path makes exp(z - max) a few rows at a time (one row, three rows,
-    all rows here): the same log-probs, entropies and gradients, masked vocabulary entries and an all
-    -inf row included."""
-    from quickllm_kernels.logprobs import reference
-    monkeypatch.setattr(reference, "_BLOCK_BYTES", block_bytes)
-    logits = torch.randn(7, 29, generator=_g(22), dtype=torch.float64) * 3
-    logits[1, 4:9] = float("-inf")
-    logits[5] = float("-inf")
-    ids = torch.tensor([0, 1, 2, 28, -100, -100, 3])
-    x = logits.clone().requires_grad_()
-    lp, ent = qk.token_logprobs(x, ids, temperature=0.8, return_entropy=True)
-    (lp * torch.arange(7.0, dtype=torch.float64)).sum().backward()
-    rows = [0, 1, 2, 3, 6]  # 4 and 5 are ignored (5 is all -inf)
-    logp = torch.log_softmax(logits[rows] / 0.8, -1)
-    torch.testing.assert_close(lp[rows], logp.gather(-1, ids[rows, None])[:, 0])
-    torch.testing.assert_close(ent[rows], -(logp.exp() * logp).nan_to_num().sum(-1))
-    assert lp[4] == lp[5] == 0 and ent[4] == ent[5] == 0
-    jac = torch.autograd.functional.jacobian(lambda z: torch.log_softmax(z / 0.8, -1), logits[rows])  # [5, V, 5, V]
-    want = torch.stack([jac[i, ids[r], i] for i, r in enumerate(rows)])  # d lp[r] / d logits[r]
-    torch.testing.assert_close(x.grad[rows], want * torch.tensor(rows, dtype=torch.float64)[:, None])
-    assert (x.grad[[4, 5]] == 0).all()
-    _, ent_all, lse = torch.ops.quickllm.token_logprobs(logits[5:6], torch.tensor([0]), 1.0, -100)
-    assert lse[0] == ent_all[0] == float("-inf")
-
-
 def test_loss_from_hidden_bad_shapes():
     hidden, weight = torch.randn(2, 5, 8), torch.randn(11, 8)
     ids, adv, mask = torch.zeros(2, 5, dtype=torch.long), torch.zeros(2), torch.ones(2, 5)

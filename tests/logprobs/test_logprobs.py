@@ -539,3 +539,51 @@ def test_backward_runs_on_the_forward_backend():
     t.join()
     assert qk.last_backends()["token_logprobs_backward"] == "triton"
     assert logits.grad is not None
+
+
+@pytest.mark.parametrize("block_bytes", [1, 4 * 29 * 3, 1 << 24])
+def test_reference_in_row_blocks(monkeypatch, block_bytes):
+    """The CPU kernel of the fused path makes exp(z - max) a few rows at a time (one row, three rows,
+    all rows here): the same log-probs, entropies and gradients, masked vocabulary entries and an all
+    -inf row included."""
+    monkeypatch.setattr(ref, "_BLOCK_BYTES", block_bytes)
+    logits = torch.randn(7, 29, generator=torch.Generator().manual_seed(22), dtype=torch.float64) * 3
+    logits[1, 4:9] = float("-inf")
+    logits[5] = float("-inf")
+    ids = torch.tensor([0, 1, 2, 28, -100, -100, 3])
+    x = logits.clone().requires_grad_()
+    lp, ent = qk.token_logprobs(x, ids, temperature=0.8, return_entropy=True)
+    (lp * torch.arange(7.0, dtype=torch.float64)).sum().backward()
+    rows = [0, 1, 2, 3, 6]  # 4 and 5 are ignored (5 is all -inf)
+    logp = torch.log_softmax(logits[rows] / 0.8, -1)
+    torch.testing.assert_close(lp[rows], logp.gather(-1, ids[rows, None])[:, 0])
+    torch.testing.assert_close(ent[rows], -(logp.exp() * logp).nan_to_num().sum(-1))
+    assert lp[4] == lp[5] == 0 and ent[4] == ent[5] == 0
+    jac = torch.autograd.functional.jacobian(lambda z: torch.log_softmax(z / 0.8, -1), logits[rows])  # [5, V, 5, V]
+    want = torch.stack([jac[i, ids[r], i] for i, r in enumerate(rows)])  # d lp[r] / d logits[r]
+    torch.testing.assert_close(x.grad[rows], want * torch.tensor(rows, dtype=torch.float64)[:, None])
+    assert (x.grad[[4, 5]] == 0).all()
+    _, ent_all, lse = torch.ops.quickllm.token_logprobs(logits[5:6], torch.tensor([0]), 1.0, -100)
+    assert lse[0] == ent_all[0] == float("-inf")
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_reference_in_place_pair(entropy_grad):
+    """The CPU kernel's in-place pair (the logits buffer becomes z - max, then their gradient; the
+    one-pass GRPO loss uses it) gives the out-of-place kernels' log-probs, entropies, lse and gradient
+    bit for bit: temperature, ignored rows, -inf vocabulary entries and an all -inf row."""
+    g = torch.Generator().manual_seed(23)
+    logits = torch.randn(6, 41, generator=g) * 4
+    logits[2, :7] = float("-inf")
+    logits[4] = float("-inf")
+    ids = torch.tensor([3, 40, 9, -100, -100, 0])
+    glp, gent = torch.randn(6, generator=g), torch.randn(6, generator=g) * entropy_grad
+    lp, ent, lse = ref.token_logprobs(logits, ids, 0.7, -100)
+    want = ref.token_logprobs_backward(glp, gent, logits, ids, lse, ent, 0.7, -100)
+    buf = logits.clone()
+    lp2, ent2, lse2, log_s = ref.token_logprobs_inplace(buf, ids, 0.7, -100)
+    for a, b in ((lp2, lp), (ent2, ent), (lse2, lse)):
+        assert torch.equal(a, b)
+    got = ref.token_logprobs_backward_inplace(glp, gent, buf, log_s, ids, ent2, 0.7, -100)
+    assert got.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
