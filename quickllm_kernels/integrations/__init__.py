@@ -5,4 +5,5 @@ and each submodule imports its library only when used.
     quickllm_kernels.integrations.trl   TRL's GRPOTrainer computing its log-probs and loss on the fused path
     quickllm_kernels.integrations.vllm  vLLM plugin (entry point vllm.general_plugins): RoPE, RMSNorm, MoE, MLA decode
     quickllm_kernels.integrations.trtllm  TensorRT-LLM checkpoints for trtllm-build (export, read back)
+    quickllm_kernels.integrations.auto_deploy  TensorRT-LLM AutoDeploy: graph transforms onto quickllm ops
 """
