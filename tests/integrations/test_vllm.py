@@ -21,6 +21,7 @@ import types
 from abc import ABC, abstractmethod
 
 import pytest
+from engine_stubs import stub_module
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,11 +41,7 @@ def _stub_vllm() -> dict:
     mods = {}
 
     def module(name, **attrs):
-        m = types.ModuleType(name)
-        m.__path__ = []  # a package, so that submodules import
-        m.__dict__.update(attrs)
-        mods[name] = m
-        return m
+        return stub_module(mods, name, **attrs)
 
     module("vllm", __version__="0.33.0")
     for pkg in ("vllm.model_executor", "vllm.model_executor.layers", "vllm.model_executor.layers.fused_moe",
