@@ -563,6 +563,15 @@ def _metrics(terms, cfg, entropy):
     return out
 
 
+def _sampling_alias(who, sampling_logprobs, rollout_logprobs):
+    """sampling_logprobs, or rollout_logprobs (its older name); not both."""
+    if rollout_logprobs is None:
+        return sampling_logprobs
+    if sampling_logprobs is not None:
+        raise TypeError(f"{who}: give sampling_logprobs or rollout_logprobs (its older name), not both")
+    return rollout_logprobs
+
+
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
               advantages: torch.Tensor, mask: torch.Tensor, config: GRPOLossConfig | str | None = None, *,
               sampling_logprobs: torch.Tensor | None = None, importance_sampling_ratio: torch.Tensor | None = None,
@@ -590,10 +599,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_log
     vespo_phi, importance_sampling_ratio, entropy_mask_fraction, off_policy_kept_fraction.
     """
     cfg = _config(config, options, "grpo_loss")
-    if rollout_logprobs is not None:
-        if sampling_logprobs is not None:
-            raise TypeError("grpo_loss: give sampling_logprobs or rollout_logprobs (its older name), not both")
-        sampling_logprobs = rollout_logprobs
+    sampling_logprobs = _sampling_alias("grpo_loss", sampling_logprobs, rollout_logprobs)
     terms = _loss_terms(logprobs, old_logprobs, ref_logprobs, advantages, mask, cfg,
                         sampling_logprobs=sampling_logprobs, importance_sampling_ratio=importance_sampling_ratio,
                         entropy=entropy, num_items=num_items)
@@ -755,11 +761,17 @@ def _hidden_loss_terms(hidden, weight, bias, completion_ids, mask, cfg: GRPOLoss
     grpo_loss_from_hidden), else through linear_token_logprobs and _loss_terms. Returns (loss, the
     whole batch's terms as _loss_terms gives them, log-probs and entropies [B, T], detached)."""
     b, t, h = hidden.shape
+    if tuple(completion_ids.shape) != (b, t) or tuple(mask.shape) != (b, t):
+        raise ValueError(f"{who}: completion_ids and mask must be [B, T] = [{b}, {t}] (hidden's first two dims), "
+                         f"got {list(completion_ids.shape)} and {list(mask.shape)}")
     m = _as_bool_mask(mask)
     if completion_ids.dtype == torch.int32:
         completion_ids = completion_ids.long()
-    # every check of the two-pass path, on shapes (the one pass calls the row kernels directly)
-    _lin_check(hidden.reshape(b * t, h), weight, bias, completion_ids.reshape(-1), temperature)
+    # every check of the two-pass path (dtypes, devices, H, V), on one row per sequence: views, where
+    # reshaping a strided hidden ([:, :-1] of a model's output) to [B * T, H] would copy it
+    first = min(t, 1)
+    _lin_check(hidden.narrow(1, 0, first).flatten(0, 1), weight, bias,
+               completion_ids.narrow(1, 0, first).flatten(), temperature)
     counts = m.sum(-1).tolist()
     target = chunk_rows if chunk_rows > 0 else _one_pass_rows(sum(counts), weight)
     coupled = _sequence_coupled(cfg)
@@ -820,10 +832,7 @@ def grpo_loss_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, co
     if tuple(mask.shape) != (b, t):
         raise ValueError(f"{who}: mask must be [B, T] = [{b}, {t}] (hidden's first two dims), got {list(mask.shape)}")
     cfg = _config(config, options, who)
-    if rollout_logprobs is not None:
-        if sampling_logprobs is not None:
-            raise TypeError(f"{who}: give sampling_logprobs or rollout_logprobs (its older name), not both")
-        sampling_logprobs = rollout_logprobs
+    sampling_logprobs = _sampling_alias(who, sampling_logprobs, rollout_logprobs)
     loss, terms, lp, ent = _hidden_loss_terms(
         hidden, lm_head_weight, lm_head_bias, completion_ids, mask, cfg, temperature=temperature,
         chunk_rows=chunk_rows, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages,

@@ -109,9 +109,6 @@ class Qwen2RMSNorm(qk.RMSNorm):
     """qk.RMSNorm: transformers' RMSNorm of Llama, Qwen2, Mixtral and DeepSeek-V3 (statistics in float32,
     weight * normed.to(x.dtype)), on the rms_norm op; `add` fuses the residual add before it."""
 
-    def __init__(self, dim: int, eps: float):
-        super().__init__(dim, eps)
-
     def add(self, x, residual):
         """(norm(x + residual), x + residual) in one pass (qk.add_rms_norm)."""
         return self(x, residual)

@@ -11,10 +11,10 @@ reference log-probs at generation time through `linear_token_logprobs`, and the 
 (grpo_loss_from_hidden's: each chunk's logits made once, its gradients computed while they exist, no
 second lm_head pass in the backward; top_entropy_quantile, which needs every entropy first, takes
 linear_token_logprobs and the loss after it). The loss is `quickllm_kernels.grpo`'s, with the options
-read from the trainer exactly where TRL reads them (loss_type, beta, epsilon / epsilon_high, delta, importance_sampling_level, temperature,
-use_bias_correction_kl, top_entropy_quantile, off_policy_mask_threshold, the vLLM importance-sampling
-ratio, sapo / vespo parameters, the entropy bonus and its adaptive controller, gradient accumulation
-and the dapo / cispo / vespo normaliser). The metrics TRL logs are logged under the same names.
+read from the trainer exactly where TRL reads them (loss_type, beta, epsilon / epsilon_high, delta,
+importance_sampling_level, temperature, use_bias_correction_kl, top_entropy_quantile,
+off_policy_mask_threshold, the vLLM importance-sampling ratio, sapo / vespo parameters, the entropy
+bonus and its adaptive controller, gradient accumulation and the dapo / cispo / vespo normaliser). The metrics TRL logs are logged under the same names.
 
 Nothing global changes: the trainer gets two instance attributes and its policy and reference models
 an instance `forward` that adds one keyword (`quickllm_labels`) and otherwise calls the forward they

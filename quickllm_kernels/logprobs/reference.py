@@ -99,7 +99,7 @@ def token_logprobs_backward(grad_logprobs, grad_entropy, logits, token_ids, lse,
     g = torch.div(x, temperature) if temperature != 1.0 else x.clone()
     g.sub_(lse.to(x.dtype)[..., None])  # z - lse
     return _gradient_(g, grad_logprobs, grad_entropy, token_ids, entropy, temperature, ignore_index,
-                      finite=lambda: bool(torch.isfinite(x).all())).to(logits.dtype)
+                      finite=lambda: torch.isfinite(x).all()).to(logits.dtype)
 
 
 def token_logprobs_inplace(logits, token_ids, temperature: float, ignore_index: int):
@@ -115,17 +115,18 @@ def token_logprobs_backward_inplace(grad_logprobs, grad_entropy, shifted, log_s,
     """The gradient with respect to the logits, written over token_logprobs_inplace's buffer."""
     g = shifted.sub_(log_s[..., None])  # z - lse
     return _gradient_(g, grad_logprobs, grad_entropy, token_ids, entropy, temperature, ignore_index,
-                      finite=lambda: bool(torch.isfinite(g).all()))
+                      finite=lambda: torch.isfinite(g).all())
 
 
 def _gradient_(g, grad_logprobs, grad_entropy, token_ids, entropy, temperature, ignore_index, finite):
-    """g (holding z - lse) becomes (onehot - p) * g_lp - p * (z - lse + entropy) * g_ent, / T."""
+    """g (holding z - lse) becomes (onehot - p) * g_lp - p * (z - lse + entropy) * g_ent, / T.
+    finite(): a flag tensor, whether the logits hold no -inf (read only where the entropy term runs)."""
     acc = g.dtype
     keep = token_ids != ignore_index
     glp = torch.where(keep, grad_logprobs.to(acc), 0.0)[..., None]
     gent = torch.where(keep, grad_entropy.to(acc), 0.0)[..., None]
     if _decide((gent != 0).any()):
-        has_inf = not finite()  # -inf logits (masked vocabulary entries): checked before g changes
+        has_inf = _decide(~finite())  # -inf logits (masked vocabulary entries): checked before g changes
         p = torch.exp(g)
         # g = glp * (onehot - p) - gent * p * (z - lse + entropy), the onehot added below
         g.add_(entropy.to(acc)[..., None]).mul_(gent).add_(glp).mul_(p).neg_()
